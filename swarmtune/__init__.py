@@ -1,0 +1,3 @@
+"""swarmtune: decentralized, bit-exact Evolution Strategies fine-tuning of language models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""The client role: operator status, ledger audit with replay, export and plots."""

@@ -1,0 +1,1 @@
+"""The coordinator role: iteration lifecycle, validation, shaping, ledger append, broadcast."""

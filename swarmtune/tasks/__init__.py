@@ -1,0 +1,1 @@
+"""Tasks: datasets, prompt formatting and reward functions."""

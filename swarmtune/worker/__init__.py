@@ -1,0 +1,1 @@
+"""The worker role: replay, evaluate assigned members, sign and submit rewards."""
