@@ -7,10 +7,14 @@ import importlib
 import sys
 
 # Each entry: (subcommand module under swarmtune.cli, one-line help). Modules expose
-# `add_arguments(parser)` and `run(args) -> int`. Imported lazily so `--help` stays fast
-# and a broken optional dependency only breaks its own command.
+# `add_arguments(parser)` and `run(args) -> int`, and import heavy dependencies inside `run`
+# so `--help` stays fast and a broken optional dependency only breaks its own command.
 COMMANDS: dict[str, tuple[str, str]] = {
     "hash": ("hash_cmd", "print the canonical state hash of a model directory's genesis state"),
+    "keygen": ("keygen_cmd", "create an Ed25519 key file for a worker or coordinator"),
+    "ledger": ("ledger_cmd", "export, import or verify a job's ledger file"),
+    "replay": ("replay_cmd", "rebuild a job's model state from its base model and ledger file; print its hash"),
+    "worker": ("worker_cmd", "run a worker: evaluate members for a coordinator on this machine's CPU or GPU"),
 }
 
 

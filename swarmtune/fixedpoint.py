@@ -1,0 +1,72 @@
+"""int64 fixed point: base floats to Q·2^-F, Q back to derived floats, round-half-even shifts."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+# |Q| stays below 2**Q_LIMIT_BITS so that Q -> float64 is exact on every device.
+Q_LIMIT_BITS = 53
+# Genesis puts the largest |w| of a tensor below 2**GENESIS_BITS: 8x growth before overflow.
+GENESIS_BITS = 50
+# Finest resolution: 2**-40 ≈ 9e-13, far below any ES step; also keeps shifts non-negative.
+EXPONENT_MAX = 40
+
+
+class FixedPointOverflow(ArithmeticError):
+    """A tensor left the fixed-point range; the job's learning rate or decay is out of bounds."""
+
+
+def choose_exponent(weights: torch.Tensor) -> int:
+    """F = min(EXPONENT_MAX, GENESIS_BITS - e) where max|w| < 2^e (e from frexp, exact)."""
+    if not torch.isfinite(weights).all():
+        raise ValueError("base weights contain NaN or infinity; cannot build a fixed-point state")
+    largest = float(weights.detach().abs().max().item()) if weights.numel() else 0.0
+    if largest == 0.0:
+        return EXPONENT_MAX
+    _, exponent = math.frexp(largest)
+    return min(EXPONENT_MAX, GENESIS_BITS - exponent)
+
+
+def to_fixed(weights: torch.Tensor, exponent: int) -> torch.Tensor:
+    """Q = round_half_even(w · 2^F): w -> float64 (exact), scale by a power of two (exact), round."""
+    scaled = weights.detach().to(torch.float64) * (2.0**exponent)
+    return torch.round(scaled).to(torch.int64)
+
+
+def derive(q: torch.Tensor, exponent: int, dtype: torch.dtype) -> torch.Tensor:
+    """Derived weights: Q -> float64 (exact) -> ·2^-F (exact) -> float32 (RNE) -> dtype (RNE)."""
+    return (q.to(torch.float64) * (2.0 ** (-exponent))).to(torch.float32).to(dtype)
+
+
+def rne_shift(x: torch.Tensor, shift: int) -> torch.Tensor:
+    """x / 2^shift rounded half to even, in int64 arithmetic (x may be negative)."""
+    if shift < 0 or shift > 62:
+        raise ValueError(f"shift must be in [0, 62], got {shift}")
+    if shift == 0:
+        return x
+    floor = x >> shift  # arithmetic shift: floor division for negative x too
+    remainder = x - (floor << shift)  # in [0, 2^shift)
+    half = 1 << (shift - 1)
+    round_up = (remainder > half) | ((remainder == half) & ((floor & 1) == 1))
+    return floor + round_up.to(torch.int64)
+
+
+def rne_shift_int(x: int, shift: int) -> int:
+    """Python-integer twin of rne_shift, for coefficients and tests."""
+    if shift == 0:
+        return x
+    floor = x >> shift
+    remainder = x - (floor << shift)
+    half = 1 << (shift - 1)
+    return floor + (remainder > half or (remainder == half and floor & 1 == 1))
+
+
+def check_range(q: torch.Tensor, name: str) -> None:
+    """Raise FixedPointOverflow if any |Q| reaches 2^Q_LIMIT_BITS."""
+    if q.numel() and int(q.abs().max().item()) >= 1 << Q_LIMIT_BITS:
+        raise FixedPointOverflow(
+            f"tensor {name!r} left the fixed-point range (|Q| ≥ 2^{Q_LIMIT_BITS}): its weights grew more "
+            "than 8x from the base model. Lower the job's alpha or raise its weight decay toward the base."
+        )

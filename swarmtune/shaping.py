@@ -1,0 +1,70 @@
+"""Fitness shaping: signed rewards -> shaped scores -> the integer coefficients the ledger records."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+SHAPING_VERSION = "swarmtune-shaping/1"
+SHAPING_METHODS = ("zscore", "centered_rank")
+
+# Coefficients are integers in units of 2**-COEFFICIENT_BITS of a weight (PROTOCOL §3).
+COEFFICIENT_BITS = 40
+# Same epsilon as Qiu et al.'s (r - mean) / (std + 1e-8).
+ZSCORE_EPSILON = 1e-8
+
+
+def zscore(rewards: Sequence[float]) -> list[float]:
+    """(r - mean) / (std + 1e-8), std with Bessel's correction; sums are math.fsum (exactly rounded)."""
+    n = len(rewards)
+    if n < 2:
+        return [0.0] * n
+    mean = math.fsum(rewards) / n
+    variance = math.fsum((r - mean) * (r - mean) for r in rewards) / (n - 1)
+    std = math.sqrt(variance)
+    return [(r - mean) / (std + ZSCORE_EPSILON) for r in rewards]
+
+
+def centered_ranks(rewards: Sequence[float]) -> list[float]:
+    """Rank in [0, n-1] (ties share their mean rank), mapped to rank / (n - 1) - 0.5."""
+    n = len(rewards)
+    if n < 2:
+        return [0.0] * n
+    order = sorted(range(n), key=lambda i: rewards[i])
+    ranks = [0.0] * n
+    start = 0
+    while start < n:
+        stop = start
+        while stop + 1 < n and rewards[order[stop + 1]] == rewards[order[start]]:
+            stop += 1
+        for position in range(start, stop + 1):
+            ranks[order[position]] = (start + stop) / 2
+        start = stop + 1
+    return [rank / (n - 1) - 0.5 for rank in ranks]
+
+
+def shape(rewards: Sequence[float], method: str) -> list[float]:
+    for reward in rewards:
+        if not math.isfinite(reward):
+            raise ValueError(f"reward {reward!r} is not finite; it must be rejected before shaping")
+    if method == "zscore":
+        return zscore(rewards)
+    if method == "centered_rank":
+        return centered_ranks(rewards)
+    raise ValueError(f"unknown shaping method {method!r}; use one of {SHAPING_METHODS}")
+
+
+def quantize(shaped: Sequence[float], alpha: float) -> list[int]:
+    """c_i = round_half_even(((alpha · s_i) / n) · 2^COEFFICIENT_BITS), n = len(shaped)."""
+    n = len(shaped)
+    return [round(((alpha * s) / n) * float(1 << COEFFICIENT_BITS)) for s in shaped]
+
+
+def coefficients(rewards: Sequence[float], method: str, alpha: float) -> list[int]:
+    """The integer coefficients of one iteration, from its accepted rewards in member order."""
+    return quantize(shape(rewards, method), alpha)
+
+
+def sigma_integer(sigma: float) -> int:
+    """σ in the same fixed-point units as the coefficients: round_half_even(σ · 2^COEFFICIENT_BITS)."""
+    return round(sigma * float(1 << COEFFICIENT_BITS))

@@ -1,0 +1,147 @@
+"""The exact ES update: ΔQ = Σ_i c_i·E_i in integers, dense or as one exact GEMM per matrix."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Sequence
+
+import torch
+
+from swarmtune.fixedpoint import FixedPointOverflow, check_range, rne_shift
+from swarmtune.noise import GAUSSIAN_SCALE_BITS, NoiseConfig, dense_noise, lowrank_factors
+from swarmtune.seeds import MemberNoise
+from swarmtune.shaping import COEFFICIENT_BITS
+from swarmtune.state import MasterState, TensorSpec
+
+# 1/√r of the low-rank noise, as the integer round_half_even(2^16 / √r).
+LOWRANK_SCALE_BITS = 16
+# Anchored decay strength λ is recorded as round_half_even(λ · 2^DECAY_BITS).
+DECAY_BITS = 24
+# float64 represents every integer below 2^53, so a GEMM whose every partial sum stays below is exact.
+FLOAT64_EXACT_BITS = 53
+
+
+@dataclass(frozen=True)
+class IterationUpdate:
+    """What replay needs of one iteration: its members and their integer coefficients."""
+
+    members: tuple[MemberNoise, ...]
+    coefficients: tuple[int, ...]
+
+
+def lowrank_scale(rank: int) -> int:
+    return round(float(1 << LOWRANK_SCALE_BITS) / math.sqrt(rank))
+
+
+def decay_integer(strength: float) -> int:
+    return round(strength * float(1 << DECAY_BITS))
+
+
+def noise_scale_bits(spec: TensorSpec, noise: NoiseConfig) -> int:
+    """Fractional bits of one noise element of this tensor (so ΔQ = Σ k·E >> (C + bits - F))."""
+    if spec.treatment == "lowrank":
+        return LOWRANK_SCALE_BITS
+    return GAUSSIAN_SCALE_BITS if noise.distribution == "gaussian" else 0
+
+
+def seed_weights(members: Sequence[MemberNoise], coefficients: Sequence[int]) -> dict[int, int]:
+    """Σ sign·c per seed: antithetic pairs share one noise draw, so combine them exactly first."""
+    if len(members) != len(coefficients):
+        raise ValueError(f"{len(members)} members but {len(coefficients)} coefficients")
+    weights: dict[int, int] = {}
+    for member, coefficient in zip(members, coefficients):
+        weights[member.seed] = weights.get(member.seed, 0) + member.sign * coefficient
+    return {seed: weight for seed, weight in weights.items() if weight != 0}
+
+
+def exact_outer_sum(weights: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Σ_j w_j·a[:, j]·b[:, j]ᵀ for int64 w and ±1 factors, exactly, via float64 GEMMs on limbs of w."""
+    k = weights.numel()
+    if k == 0:
+        return torch.zeros(a.shape[0], b.shape[0], dtype=torch.int64, device=a.device)
+    largest = int(weights.abs().max().item())
+    if largest * k >= 1 << 62:
+        raise FixedPointOverflow(f"low-rank update of {k} terms with coefficients up to {largest} exceeds int64")
+    bt = b.to(torch.float64).t()
+    limb_bits = FLOAT64_EXACT_BITS - 1 - max(1, (k - 1).bit_length())
+    total = torch.zeros(a.shape[0], b.shape[0], dtype=torch.int64, device=a.device)
+    remaining, shift = weights, 0
+    while True:
+        if int(remaining.abs().max().item()) * k < 1 << (FLOAT64_EXACT_BITS - 1):
+            limb, last = remaining, True
+        else:
+            limb, last = remaining & ((1 << limb_bits) - 1), False
+        part = ((a.to(torch.float64) * limb.to(torch.float64)) @ bt).to(torch.int64)
+        total += part << shift
+        if last:
+            return total
+        remaining, shift = remaining >> limb_bits, shift + limb_bits
+
+
+def tensor_delta(
+    spec: TensorSpec, tensor_index: int, weights: Mapping[int, int], noise: NoiseConfig, device: torch.device
+) -> torch.Tensor:
+    """round_half_even(Σ_seed w_seed·E_seed / 2^(C + bits - F)) for one tensor, int64, flat."""
+    shift = COEFFICIENT_BITS + noise_scale_bits(spec, noise) - spec.exponent
+    if spec.treatment == "lowrank":
+        out_features, in_features = spec.shape
+        seeds = list(weights)
+        factors = [lowrank_factors(s, tensor_index, out_features, in_features, noise.rank, device) for s in seeds]
+        scale = lowrank_scale(noise.rank)
+        w = torch.tensor([weights[s] * scale for s in seeds for _ in range(noise.rank)], dtype=torch.int64, device=device)
+        a = torch.cat([f[0] for f in factors], dim=1) if factors else torch.empty(out_features, 0, device=device)
+        b = torch.cat([f[1] for f in factors], dim=1) if factors else torch.empty(in_features, 0, device=device)
+        return rne_shift(exact_outer_sum(w, a, b), shift).view(-1)
+    total = torch.zeros(spec.numel, dtype=torch.int64, device=device)
+    for seed, weight in weights.items():
+        total += dense_noise(seed, tensor_index, spec.numel, noise.distribution, device).to(torch.int64) * weight
+    return rne_shift(total, shift)
+
+
+def apply_iteration_(
+    state: MasterState,
+    update: IterationUpdate,
+    noise: NoiseConfig,
+    base: MasterState | None = None,
+    decay: int = 0,
+) -> None:
+    """Q <- Q + ΔQ - round_half_even((Q - Q_base)·decay / 2^24), in place, tensor by tensor.
+
+    On FixedPointOverflow the tensors before the failing one are already updated: rebuild the state.
+    """
+    weights = seed_weights(update.members, update.coefficients)
+    for index, (spec, q) in enumerate(zip(state.specs, state.q)):
+        if spec.treatment == "frozen":
+            continue
+        delta = tensor_delta(spec, index, weights, noise, q.device).view(q.shape)
+        if decay:
+            if base is None:
+                raise ValueError("anchored decay needs the base state")
+            drift = q - base.q[index].to(q.device)
+            if drift.numel() and int(drift.abs().max().item()) * decay >= 1 << 62:
+                raise FixedPointOverflow(f"anchored decay of {spec.name!r} would overflow int64")
+            delta -= rne_shift(drift * decay, DECAY_BITS)
+        updated = q + delta
+        check_range(updated, spec.name)
+        q.copy_(updated)
+
+
+def perturbation(
+    spec: TensorSpec, tensor_index: int, member: MemberNoise, sigma: int, noise: NoiseConfig, device: torch.device
+) -> torch.Tensor:
+    """The integer perturbation σ·sign·E of one tensor for one member (shaped like the tensor)."""
+    delta = tensor_delta(spec, tensor_index, {member.seed: member.sign * sigma}, noise, device)
+    return delta.view(spec.shape)
+
+
+def replay_(
+    state: MasterState,
+    updates: Iterable[IterationUpdate],
+    noise: NoiseConfig,
+    base: MasterState | None = None,
+    decay: int = 0,
+) -> None:
+    """Apply a sequence of iterations in order (in place)."""
+    for update in updates:
+        apply_iteration_(state, update, noise, base, decay)
