@@ -9,6 +9,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / "swarmtune"
 ROLES = ("swarmtune.coordinator", "swarmtune.worker", "swarmtune.client", "swarmtune.cli")
 
 
+def is_within(module: str, packages: tuple[str, ...]) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in packages)
+
+
 def imported_modules(path: Path) -> set[str]:
     tree = ast.parse(path.read_text(), filename=str(path))
     names: set[str] = set()
@@ -28,7 +32,7 @@ def core_files() -> list[Path]:
 
 def test_core_does_not_import_roles() -> None:
     offenders = {
-        str(path.relative_to(PACKAGE.parent)): sorted(m for m in imported_modules(path) if m.startswith(ROLES))
+        str(path.relative_to(PACKAGE.parent)): sorted(m for m in imported_modules(path) if is_within(m, ROLES))
         for path in core_files()
     }
     assert {k: v for k, v in offenders.items() if v} == {}
@@ -39,5 +43,5 @@ def test_roles_do_not_import_each_other() -> None:
         folder = PACKAGE / role.split(".")[1]
         others = tuple(r for r in ROLES if r != role)
         for path in folder.rglob("*.py"):
-            bad = sorted(m for m in imported_modules(path) if m.startswith(others))
+            bad = sorted(m for m in imported_modules(path) if is_within(m, others))
             assert not bad, f"{path.relative_to(PACKAGE.parent)} imports {bad}"

@@ -10,7 +10,9 @@ from swarmtune.cli import CommandError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, required=True, help="private key file to create (mode 0600; never overwritten)")
+    parser.add_argument(
+        "--out", type=Path, required=True, help="private key file to create (mode 0600; never overwritten)"
+    )
     parser.add_argument("--json", action="store_true", help="print {path, public_key, fingerprint} as JSON")
 
 
@@ -23,10 +25,11 @@ def run(args: argparse.Namespace) -> int:
     except identity.IdentityError as exc:
         raise CommandError(str(exc)) from None
     public = identity.public_key_bytes(key)
+    shown = {"path": str(args.out), "public_key": public.hex(), "fingerprint": identity.fingerprint(public)}
     if args.json:
-        print(json.dumps({"path": str(args.out), "public_key": public.hex(), "fingerprint": identity.fingerprint(public)}))
+        print(json.dumps(shown))
     else:
         print(f"private key: {args.out} (keep it secret)")
-        print(f"public key:  {public.hex()}")
-        print(f"fingerprint: {identity.fingerprint(public)}")
+        print(f"public key:  {shown['public_key']}")
+        print(f"fingerprint: {shown['fingerprint']}")
     return 0

@@ -19,7 +19,9 @@ def _add_store_arguments(parser: argparse.ArgumentParser) -> None:
         help="redis://[user:password@]host:port/db, rediss://... (TLS) or unix:///path; "
         "default: the embedded server on --data-dir",
     )
-    parser.add_argument("--data-dir", type=Path, help="embedded server data directory (default ~/.local/share/swarmtune/redis)")
+    parser.add_argument(
+        "--data-dir", type=Path, help="embedded server data directory (default ~/.local/share/swarmtune/redis)"
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,6 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _export(args: argparse.Namespace) -> int:
     from swarmtune import ledgerfile
     from swarmtune.embedded_redis import open_store
+    from swarmtune.store import redact
 
     if args.out.exists() and not args.force:
         raise CommandError(f"{args.out} exists; pass --force to overwrite it")
@@ -48,8 +51,12 @@ def _export(args: argparse.Namespace) -> int:
         job = args.job or store.only_job()
         head = store.head(job)
         if head is None:
-            raise CommandError(f"job {job!r} has no ledger in {store.url}; list jobs by leaving out --job")
-        count = ledgerfile.write(args.out, store.read(job, 0, head.index))
+            jobs = ", ".join(store.jobs()) or "none"
+            raise CommandError(f"job {job!r} has no ledger in {redact(store.url)}; the jobs there: {jobs}")
+        try:
+            count = ledgerfile.write(args.out, store.read(job, 0, head.index))
+        except OSError as exc:
+            raise CommandError(f"cannot write {args.out}: {exc.strerror}; check that its directory exists") from None
     print(f"exported {count} entries of job {job} to {args.out} (head {head.hash.hex()})")
     return 0
 
@@ -57,7 +64,7 @@ def _export(args: argparse.Namespace) -> int:
 def _import(args: argparse.Namespace) -> int:
     from swarmtune import ledger, ledgerfile
     from swarmtune.embedded_redis import open_store
-    from swarmtune.store import AppendStatus
+    from swarmtune.store import AppendStatus, redact
 
     try:
         stored_entries = ledgerfile.read(args.file)
@@ -72,7 +79,7 @@ def _import(args: argparse.Namespace) -> int:
             result = store.append(stored)
             if not result.ok:
                 raise CommandError(
-                    f"entry {index}: {store.url} already holds a different ledger for job {report.job_id} "
+                    f"entry {index}: {redact(store.url)} already holds a different ledger for job {report.job_id} "
                     f"({result.status.value}); import into another database or job"
                 )
             added += result.status is AppendStatus.APPENDED
@@ -101,9 +108,10 @@ def _describe(report: Report) -> str:
     if report.problem:
         return f"ledger BAD after {report.entries} sound entries: {report.problem.describe()}"
     kinds = ", ".join(f"{count} {kind}" for kind, count in sorted(report.kinds.items()))
+    head = report.head_hash.hex() if report.head_hash else "-"
     return (
         f"ledger OK: job {report.job_id}, {report.entries} entries ({kinds}), "
-        f"{report.worker_signatures} worker signatures, head {report.head_hash.hex()}"
+        f"{report.worker_signatures} worker signatures, head {head}"
     )
 
 

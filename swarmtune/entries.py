@@ -1,0 +1,427 @@
+"""Ledger entries and worker-signed records: build, sign, parse (views over proto/ledger.proto)."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, fields
+from operator import attrgetter
+from typing import Any, Callable, Generic, TypeVar, Union
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from google.protobuf.message import DecodeError
+
+from swarmtune import identity
+from swarmtune.seeds import MemberNoise
+from swarmtune.wire import ledger_pb2 as pb
+
+HASH_BYTES = 32
+ZERO_HASH = bytes(HASH_BYTES)  # prev_hash of genesis
+
+# Job ids name Redis keys and files, so they are kept to a portable alphabet.
+JOB_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+class EntryError(ValueError):
+    """Bytes that are not a well-formed entry or record; `kind` is set once the kind is known."""
+
+    def __init__(self, message: str, kind: str | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def entry_hash(stored: bytes) -> bytes:
+    """The hash that chains entries: sha256 over exactly the stored bytes."""
+    return hashlib.sha256(stored).digest()
+
+
+def job_id_problem(job_id: str) -> str | None:
+    if JOB_ID_PATTERN.fullmatch(job_id):
+        return None
+    return f"job id {job_id!r} must be 1-64 characters from A-Z a-z 0-9 . _ -"
+
+
+def check_job_id(job_id: str) -> str:
+    """`job_id` itself, or ValueError if it is not a valid job id."""
+    problem = job_id_problem(job_id)
+    if problem:
+        raise ValueError(problem)
+    return job_id
+
+
+# ---- worker-signed records ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WorkerResult:
+    """One member's reward, bound to (job, iteration, member, seed, ledger head) and its worker."""
+
+    job_id: str
+    iteration: int
+    member: int
+    seed: int
+    head_hash: bytes
+    reward: float
+    worker_key: bytes
+
+
+@dataclass(frozen=True)
+class RetentionReport:
+    """Held-out figures (name, value) a worker measured during an iteration."""
+
+    job_id: str
+    iteration: int
+    head_hash: bytes
+    worker_key: bytes
+    figures: tuple[tuple[str, float], ...]
+
+
+@dataclass(frozen=True)
+class Attestation:
+    """A worker's claim: the state after `iteration` hashes to `state_hash`."""
+
+    job_id: str
+    iteration: int
+    state_hash: bytes
+    worker_key: bytes
+
+
+Record = TypeVar("Record", WorkerResult, RetentionReport, Attestation)
+
+
+@dataclass(frozen=True)
+class Signed(Generic[Record]):
+    """A worker-signed record: the exact signed body bytes, the signature, and the parsed record."""
+
+    record: Record
+    body: bytes
+    signature: bytes
+
+
+@dataclass(frozen=True)
+class _Codec:
+    """How one record kind maps to protobuf, and the context its worker signs it under."""
+
+    context: str
+    body_type: Any
+    signed_type: Any
+    body_field: str
+    values: Callable[[Any], tuple[Any, ...]]  # the record's fields, in order, from a message
+
+
+def _codec(record_type: type, context: str, body_type: Any, signed_type: Any, body_field: str) -> _Codec:
+    return _Codec(context, body_type, signed_type, body_field, attrgetter(*(f.name for f in fields(record_type))))
+
+
+_CODECS: dict[type, _Codec] = {
+    WorkerResult: _codec(WorkerResult, identity.CONTEXT_RESULT, pb.WorkerResult, pb.SignedResult, "result"),
+    RetentionReport: _codec(
+        RetentionReport, identity.CONTEXT_RETENTION, pb.RetentionReport, pb.SignedRetention, "report"
+    ),
+    Attestation: _codec(Attestation, identity.CONTEXT_ATTESTATION, pb.Attestation, pb.SignedAttestation, "attestation"),
+}
+
+
+def _record_to_pb(record: WorkerResult | RetentionReport | Attestation) -> Any:
+    values = {f.name: getattr(record, f.name) for f in fields(record)}
+    if isinstance(record, RetentionReport):
+        values["figures"] = [pb.Figure(name=name, value=value) for name, value in record.figures]
+    return _CODECS[type(record)].body_type(**values)
+
+
+def _record_from_pb(record_type: type[Record], message: Any) -> Record:
+    # attrgetter over precomputed names: this runs once per worker result when verifying a ledger.
+    values = _CODECS[record_type].values(message)
+    if record_type is RetentionReport:  # its last field, figures, holds messages: make them pairs
+        values = (*values[:-1], tuple((f.name, f.value) for f in message.figures))
+    return record_type(*values)
+
+
+def sign_record(key: Ed25519PrivateKey, record: Record) -> Signed[Record]:
+    """Serialize `record` once and sign those bytes under its kind's context."""
+    body = _record_to_pb(record).SerializeToString()
+    return Signed(record, body, identity.sign(key, _CODECS[type(record)].context, body))
+
+
+def verify_record(signed: Signed[Any], public_key: Ed25519PublicKey | None = None) -> bool:
+    """True iff the record's worker key signed its body under the record kind's context.
+
+    `public_key`, when given, is that worker key already loaded (verifiers keep them loaded).
+    """
+    key = signed.record.worker_key if public_key is None else public_key
+    return identity.verify(key, _CODECS[type(signed.record)].context, signed.body, signed.signature)
+
+
+def _signed_to_pb(signed: Signed[Any]) -> Any:
+    codec = _CODECS[type(signed.record)]
+    return codec.signed_type(**{codec.body_field: signed.body, "signature": signed.signature})
+
+
+def encode_signed(signed: Signed[Any]) -> bytes:
+    """The wire form a worker submits: Signed{body, signature} serialized."""
+    return _signed_to_pb(signed).SerializeToString()
+
+
+def _signed_from_pb(record_type: type[Record], message: Any) -> Signed[Record]:
+    """The view of a Signed* message; raises DecodeError if its body is not a `record_type`."""
+    codec = _CODECS[record_type]
+    body = getattr(message, codec.body_field)
+    return Signed(_record_from_pb(record_type, codec.body_type.FromString(body)), body, message.signature)
+
+
+def decode_signed(record_type: type[Record], data: bytes) -> Signed[Record]:
+    """Parse what a worker submitted (see `encode_signed`); raises EntryError if malformed."""
+    try:
+        return _signed_from_pb(record_type, _CODECS[record_type].signed_type.FromString(data))
+    except DecodeError:
+        raise EntryError(f"not a signed {record_type.__name__}") from None
+
+
+# ---- entry bodies ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    exponent: int
+    treatment: str
+
+
+@dataclass(frozen=True)
+class Genesis:
+    job_spec: bytes
+    job_spec_sha256: bytes
+    base_state_hash: bytes
+    coordinator_key: bytes
+    protocol_version: str
+    noise_version: str
+    shaping_version: str
+    tensor_plan: tuple[TensorSpec, ...] = ()
+    admitted_workers: tuple[bytes, ...] = ()
+
+
+def new_genesis(job_spec: bytes, base_state_hash: bytes, coordinator_key: bytes, **rest: Any) -> Genesis:
+    """A Genesis whose spec digest is computed here; `rest` are the remaining Genesis fields."""
+    return Genesis(job_spec, hashlib.sha256(job_spec).digest(), base_state_hash, coordinator_key, **rest)
+
+
+@dataclass(frozen=True)
+class Iteration:
+    iteration: int
+    opened_head: bytes
+    members: tuple[MemberNoise, ...]
+    results: tuple[Signed[WorkerResult], ...]
+    coefficients: tuple[int, ...]
+    rewards: tuple[float, ...]
+    shaping: str
+    retention: tuple[Signed[RetentionReport], ...] = ()
+    alerts: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Admission:
+    worker_key: bytes
+    reason: str
+    operator_fingerprint: str
+
+
+@dataclass(frozen=True)
+class Revocation:
+    worker_key: bytes
+    reason: str
+    operator_fingerprint: str
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    iteration: int
+    state_hash: bytes
+    attestations: tuple[Signed[Attestation], ...]
+    quorum: int
+
+
+Body = Union[Genesis, Iteration, Admission, Revocation, Signed[Attestation], Checkpoint]
+
+
+@dataclass(frozen=True)
+class Entry:
+    """The envelope the coordinator signs."""
+
+    index: int
+    prev_hash: bytes
+    job_id: str
+    timestamp_ms: int
+    body: Body
+
+    @property
+    def kind(self) -> str:
+        return body_kind(self.body)
+
+
+@dataclass(frozen=True)
+class StoredEntry:
+    """A parsed stored entry: the view, the exact signed envelope, its signature, and its hash."""
+
+    entry: Entry
+    envelope: bytes
+    signature: bytes
+    stored: bytes
+    hash: bytes
+
+    @property
+    def kind(self) -> str:
+        return self.entry.kind
+
+
+_BODY_KINDS: dict[type, str] = {
+    Genesis: "genesis",
+    Iteration: "iteration",
+    Admission: "admission",
+    Revocation: "revocation",
+    Checkpoint: "checkpoint",
+}
+
+
+def body_kind(body: Body) -> str:
+    """The entry kind: the name of the `Entry.body` oneof field that carries `body`."""
+    if isinstance(body, Signed):
+        return "attestation"
+    return _BODY_KINDS[type(body)]
+
+
+def _body_to_pb(body: Body) -> Any:
+    if isinstance(body, Signed):
+        return _signed_to_pb(body)
+    if isinstance(body, Genesis):
+        plan = [
+            pb.TensorSpec(name=t.name, shape=t.shape, exponent=t.exponent, treatment=t.treatment)
+            for t in body.tensor_plan
+        ]
+        values = {f.name: getattr(body, f.name) for f in fields(body)}
+        return pb.Genesis(**{**values, "tensor_plan": plan})
+    if isinstance(body, Iteration):
+        return pb.Iteration(
+            iteration=body.iteration,
+            opened_head=body.opened_head,
+            members=[pb.MemberNoise(member=m.member, seed=m.seed, sign=m.sign) for m in body.members],
+            results=[_signed_to_pb(r) for r in body.results],
+            coefficients=body.coefficients,
+            rewards=body.rewards,
+            shaping=body.shaping,
+            retention=[_signed_to_pb(r) for r in body.retention],
+            alerts=body.alerts,
+        )
+    if isinstance(body, (Admission, Revocation)):
+        return pb.WorkerKey(
+            worker_key=body.worker_key, reason=body.reason, operator_fingerprint=body.operator_fingerprint
+        )
+    return pb.Checkpoint(
+        iteration=body.iteration,
+        state_hash=body.state_hash,
+        attestations=[_signed_to_pb(a) for a in body.attestations],
+        quorum=body.quorum,
+    )
+
+
+def _signed_list(record_type: type[Record], messages: Any, what: str, kind: str) -> tuple[Signed[Record], ...]:
+    out: list[Signed[Record]] = []
+    try:
+        for message in messages:
+            out.append(_signed_from_pb(record_type, message))
+    except DecodeError:
+        raise EntryError(f"{what} {len(out)}: signed body is not a {record_type.__name__}", kind) from None
+    return tuple(out)
+
+
+def _body_from_pb(kind: str, message: Any) -> Body:
+    if kind == "genesis":
+        plan = tuple(TensorSpec(t.name, tuple(t.shape), t.exponent, t.treatment) for t in message.tensor_plan)
+        values = {f.name: getattr(message, f.name) for f in fields(Genesis)}
+        return Genesis(**{**values, "tensor_plan": plan, "admitted_workers": tuple(message.admitted_workers)})
+    if kind == "iteration":
+        return Iteration(
+            iteration=message.iteration,
+            opened_head=message.opened_head,
+            members=tuple(MemberNoise(m.member, m.seed, m.sign) for m in message.members),
+            results=_signed_list(WorkerResult, message.results, "result", kind),
+            coefficients=tuple(message.coefficients),
+            rewards=tuple(message.rewards),
+            shaping=message.shaping,
+            retention=_signed_list(RetentionReport, message.retention, "retention report", kind),
+            alerts=tuple(message.alerts),
+        )
+    if kind in ("admission", "revocation"):
+        key_change = Admission if kind == "admission" else Revocation
+        return key_change(message.worker_key, message.reason, message.operator_fingerprint)
+    if kind == "attestation":
+        return _signed_list(Attestation, [message], "attestation", kind)[0]
+    return Checkpoint(
+        iteration=message.iteration,
+        state_hash=message.state_hash,
+        attestations=_signed_list(Attestation, message.attestations, "attestation", kind),
+        quorum=message.quorum,
+    )
+
+
+# ---- sealing and parsing entries ------------------------------------------------------------
+
+
+def first_entry(job_id: str, genesis: Genesis, timestamp_ms: int) -> Entry:
+    return Entry(0, ZERO_HASH, check_job_id(job_id), timestamp_ms, genesis)
+
+
+def next_entry(previous: StoredEntry, body: Body, timestamp_ms: int) -> Entry:
+    """The entry that follows `previous` in its chain."""
+    return Entry(previous.entry.index + 1, previous.hash, previous.entry.job_id, timestamp_ms, body)
+
+
+def seal(key: Ed25519PrivateKey, entry: Entry) -> bytes:
+    """Serialize the envelope once, sign it, and return the stored bytes (a SignedEntry)."""
+    envelope = pb.Entry(
+        index=entry.index,
+        prev_hash=entry.prev_hash,
+        job_id=check_job_id(entry.job_id),
+        timestamp_ms=entry.timestamp_ms,
+        **{entry.kind: _body_to_pb(entry.body)},
+    ).SerializeToString()
+    signature = identity.sign(key, identity.CONTEXT_ENTRY, envelope)
+    return pb.SignedEntry(entry=envelope, signature=signature).SerializeToString()
+
+
+@dataclass(frozen=True)
+class EntryHeader:
+    """What the store needs to chain an entry (read without building views of its body)."""
+
+    index: int
+    prev_hash: bytes
+    job_id: str
+    hash: bytes
+
+
+def _envelope(stored: bytes) -> tuple[Any, Any]:
+    try:
+        signed = pb.SignedEntry.FromString(stored)
+        return signed, pb.Entry.FromString(signed.entry)
+    except DecodeError:
+        raise EntryError("not a SignedEntry holding an Entry (corrupt bytes)") from None
+
+
+def read_header(stored: bytes) -> EntryHeader:
+    _, message = _envelope(stored)
+    return EntryHeader(message.index, message.prev_hash, message.job_id, entry_hash(stored))
+
+
+def parse_entry(stored: bytes) -> StoredEntry:
+    """Parse exactly the stored bytes (never re-serialized); raises EntryError if malformed."""
+    signed, message = _envelope(stored)
+    kind = message.WhichOneof("body")
+    if kind is None:
+        raise EntryError("entry has no body (unknown kind: written by a newer swarmtune?)")
+    body = _body_from_pb(kind, getattr(message, kind))
+    entry = Entry(message.index, message.prev_hash, message.job_id, message.timestamp_ms, body)
+    return StoredEntry(entry, signed.entry, signed.signature, stored, entry_hash(stored))
+
+
+def verify_seal(stored: StoredEntry, coordinator_key: bytes | Ed25519PublicKey) -> bool:
+    return identity.verify(coordinator_key, identity.CONTEXT_ENTRY, stored.envelope, stored.signature)

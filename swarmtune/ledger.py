@@ -1,0 +1,382 @@
+"""Pure verification of a ledger: chain, coordinator seals, worker signatures, admissions, bindings."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import Counter
+from dataclasses import asdict, dataclass, replace
+from types import MappingProxyType
+from typing import Any, Callable, Iterable, Mapping, cast
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from swarmtune import entries, identity
+from swarmtune.entries import (
+    Admission,
+    Attestation,
+    Checkpoint,
+    Genesis,
+    Iteration,
+    Revocation,
+    Signed,
+    StoredEntry,
+    WorkerResult,
+)
+
+OTHER_HEAD = "bound to another ledger head than the one the iteration opened at"
+
+
+class LedgerError(Exception):
+    """Entry `index` (of kind `kind`) breaks the ledger; the message says how."""
+
+    def __init__(self, index: int, kind: str, message: str) -> None:
+        super().__init__(f"entry {index} ({kind}): {message}")
+        self.index = index
+        self.kind = kind
+        self.message = message
+
+
+@dataclass(frozen=True)
+class ChainState:
+    """What verifying entries 0..next_index-1 established; the input to checking the next one."""
+
+    job_id: str
+    coordinator_key: Ed25519PublicKey
+    base_state_hash: bytes
+    next_index: int
+    head_hash: bytes
+    admitted: Mapping[bytes, Ed25519PublicKey]  # loaded once at admission, used for every result
+    revoked: frozenset[bytes]
+    last_iteration: int
+    # Hashes of the last iteration entry (or genesis) and every entry after it: the heads an
+    # open iteration may have been opened at (admissions can land while an iteration is open).
+    open_heads: frozenset[bytes]
+
+
+def _worker_problem(state: ChainState, worker_key: bytes) -> str | None:
+    if worker_key in state.admitted:
+        return None
+    if worker_key in state.revoked:
+        return f"worker {identity.fingerprint(worker_key)} was revoked"
+    return f"worker {identity.fingerprint(worker_key)} is not admitted"
+
+
+def _signed_problem(state: ChainState, signed: Signed[Any], iteration: int) -> str | None:
+    """Problems every worker-signed record can have; the signature is checked last (costliest)."""
+    record = signed.record
+    problem = _worker_problem(state, record.worker_key)
+    if problem:
+        return problem
+    if record.job_id != state.job_id:
+        return f"bound to job {record.job_id!r}, not {state.job_id!r}"
+    if record.iteration != iteration:
+        return f"bound to iteration {record.iteration}, not {iteration}"
+    if not entries.verify_record(signed, state.admitted[record.worker_key]):
+        return "worker signature invalid"
+    return None
+
+
+def _records_problem(
+    state: ChainState, records: Iterable[Signed[Any]], iteration: int, label: str, bound: Callable[[Any], str | None]
+) -> str | None:
+    """The first problem among worker-signed records that must also satisfy `bound`."""
+    for i, signed in enumerate(records):
+        problem = _signed_problem(state, signed, iteration) or bound(signed.record)
+        if problem:
+            return f"{label} {i}: {problem}"
+    return None
+
+
+def result_problem(
+    state: ChainState, signed: Signed[WorkerResult], iteration: int, opened_head: bytes, seeds: Mapping[int, int]
+) -> str | None:
+    """Why a signed result does not belong to this iteration (None if it does).
+
+    `seeds` maps each member of the iteration to its seed. The coordinator calls this on every
+    submission; the verifier calls it on every recorded result.
+    """
+    result = signed.record
+    if result.member not in seeds:
+        return f"member {result.member} is not in the iteration"
+    if result.seed != seeds[result.member]:
+        return f"seed {result.seed} is not member {result.member}'s seed {seeds[result.member]}"
+    if result.head_hash != opened_head:
+        return OTHER_HEAD
+    if not math.isfinite(result.reward):
+        return f"reward {result.reward} is not finite"
+    return _signed_problem(state, signed, iteration)
+
+
+def _member_problem(iteration: Iteration) -> str | None:
+    n = len(iteration.members)
+    if len(iteration.coefficients) != n or len(iteration.rewards) != n:
+        return f"{n} members but {len(iteration.coefficients)} coefficients and {len(iteration.rewards)} rewards"
+    if len({m.member for m in iteration.members}) != n:
+        return "a member is listed twice"
+    bad_sign = next((m for m in iteration.members if m.sign not in (1, -1)), None)
+    if bad_sign:
+        return f"member {bad_sign.member} has sign {bad_sign.sign}, not +1 or -1"
+    return None
+
+
+def _reward_problem(iteration: Iteration, measured: Mapping[int, list[float]]) -> str | None:
+    """Recorded rewards must come from the recorded results (`measured`); members without one get 0."""
+    for member, coefficient, reward in zip(iteration.members, iteration.coefficients, iteration.rewards):
+        got = measured.get(member.member)
+        if got is None and (coefficient != 0 or reward != 0.0):
+            return f"member {member.member} has no result but coefficient {coefficient}, reward {reward}"
+        if got is not None and not min(got) <= reward <= max(got):
+            return f"member {member.member}'s reward {reward} is outside its results' rewards {sorted(got)}"
+    return None
+
+
+def _iteration_problem(state: ChainState, iteration: Iteration) -> str | None:
+    expected = state.last_iteration + 1
+    if iteration.iteration != expected:
+        return f"iteration {iteration.iteration}, expected {expected}"
+    if iteration.opened_head not in state.open_heads:
+        return "opened_head is not the hash of an entry since the previous iteration"
+    problem = _member_problem(iteration)
+    if problem:
+        return problem
+    seeds = {m.member: m.seed for m in iteration.members}
+    measured: dict[int, list[float]] = {}  # member -> rewards of its results
+    seen: set[tuple[bytes, int]] = set()
+    for i, signed in enumerate(iteration.results):
+        result = signed.record
+        if (result.worker_key, result.member) in seen:
+            return f"result {i}: a second result from the same worker for member {result.member}"
+        seen.add((result.worker_key, result.member))
+        problem = result_problem(state, signed, iteration.iteration, iteration.opened_head, seeds)
+        if problem:
+            return f"result {i}: {problem}"
+        measured.setdefault(result.member, []).append(result.reward)
+    problem = _records_problem(
+        state, iteration.retention, iteration.iteration, "retention report",
+        lambda report: None if report.head_hash == iteration.opened_head else OTHER_HEAD,
+    )  # fmt: skip
+    return problem or _reward_problem(iteration, measured)
+
+
+def _attestation_problem(state: ChainState, signed: Signed[Attestation]) -> str | None:
+    if signed.record.iteration > state.last_iteration:
+        return f"attests iteration {signed.record.iteration}, beyond the last iteration {state.last_iteration}"
+    return _signed_problem(state, signed, signed.record.iteration)
+
+
+def _checkpoint_problem(state: ChainState, checkpoint: Checkpoint) -> str | None:
+    if checkpoint.iteration > state.last_iteration:
+        return f"checkpoint of iteration {checkpoint.iteration}, beyond the last iteration {state.last_iteration}"
+    if checkpoint.iteration == 0 and checkpoint.state_hash != state.base_state_hash:
+        return "checkpoint of iteration 0 does not carry the genesis base state hash"
+    if checkpoint.quorum < 1:
+        return "quorum must be at least 1"
+    problem = _records_problem(
+        state, checkpoint.attestations, checkpoint.iteration, "attestation",
+        lambda attestation: None if attestation.state_hash == checkpoint.state_hash else "attests another state hash",
+    )  # fmt: skip
+    if problem:
+        return problem
+    attestors = {signed.record.worker_key for signed in checkpoint.attestations}
+    if len(attestors) < checkpoint.quorum:
+        return f"{len(attestors)} distinct attestors, quorum is {checkpoint.quorum}"
+    return None
+
+
+def _key_problem(key: bytes) -> str | None:
+    try:
+        identity.load_public_key(key)
+    except ValueError as exc:
+        return f"worker key invalid: {exc}"
+    return None
+
+
+def _genesis_problem(genesis: Genesis, expected_key: bytes | None) -> str | None:
+    if hashlib.sha256(genesis.job_spec).digest() != genesis.job_spec_sha256:
+        return "job_spec_sha256 is not the sha256 of job_spec"
+    if len(genesis.base_state_hash) != entries.HASH_BYTES:
+        return "base_state_hash must be 32 bytes"
+    if expected_key is not None and genesis.coordinator_key != expected_key:
+        return f"coordinator key {identity.fingerprint(genesis.coordinator_key)} is not the expected one"
+    for key in (genesis.coordinator_key, *genesis.admitted_workers):
+        problem = _key_problem(key)
+        if problem:
+            return problem
+    return None
+
+
+def _parse(stored: bytes, index: int) -> StoredEntry:
+    try:
+        return entries.parse_entry(stored)
+    except entries.EntryError as exc:
+        raise LedgerError(index, exc.kind or "unknown", f"malformed: {exc}") from None
+
+
+def _genesis_entry_problem(entry: StoredEntry, expected_key: bytes | None) -> str | None:
+    body = entry.entry.body
+    if not isinstance(body, Genesis):
+        return "the first entry must be a genesis"
+    if entry.entry.index != 0 or entry.entry.prev_hash != entries.ZERO_HASH:
+        return "genesis must have index 0 and 32 zero bytes as prev_hash"
+    problem = entries.job_id_problem(entry.entry.job_id) or _genesis_problem(body, expected_key)
+    if problem:
+        return problem
+    if not entries.verify_seal(entry, body.coordinator_key):
+        return "coordinator signature invalid"
+    return None
+
+
+def start(stored: bytes, coordinator_key: bytes | None = None) -> tuple[ChainState, StoredEntry]:
+    """Check a genesis entry (optionally pinning the coordinator key) and return the chain state."""
+    entry = _parse(stored, 0)
+    problem = _genesis_entry_problem(entry, coordinator_key)
+    if problem:
+        raise LedgerError(0, entry.kind, problem)
+    body = cast(Genesis, entry.entry.body)
+    state = ChainState(
+        job_id=entry.entry.job_id,
+        coordinator_key=identity.load_public_key(body.coordinator_key),
+        base_state_hash=body.base_state_hash,
+        next_index=1,
+        head_hash=entry.hash,
+        admitted=MappingProxyType({key: identity.load_public_key(key) for key in body.admitted_workers}),
+        revoked=frozenset(),
+        last_iteration=0,
+        open_heads=frozenset([entry.hash]),
+    )
+    return state, entry
+
+
+def _body_problem(state: ChainState, body: entries.Body) -> str | None:
+    if isinstance(body, Iteration):
+        return _iteration_problem(state, body)
+    if isinstance(body, Admission):
+        if body.worker_key in state.admitted:
+            return f"worker {identity.fingerprint(body.worker_key)} is already admitted"
+        if body.worker_key in state.revoked:
+            return f"worker {identity.fingerprint(body.worker_key)} was revoked; revoked keys stay revoked"
+        return _key_problem(body.worker_key)
+    if isinstance(body, Revocation):
+        return _worker_problem(state, body.worker_key)
+    if isinstance(body, Checkpoint):
+        return _checkpoint_problem(state, body)
+    if isinstance(body, Signed):
+        return _attestation_problem(state, body)
+    return "a second genesis"
+
+
+def _after(state: ChainState, entry: StoredEntry) -> ChainState:
+    body = entry.entry.body
+    moved = replace(state, next_index=state.next_index + 1, head_hash=entry.hash)
+    if isinstance(body, Iteration):
+        return replace(moved, last_iteration=body.iteration, open_heads=frozenset([entry.hash]))
+    opened = replace(moved, open_heads=state.open_heads | {entry.hash})
+    if isinstance(body, Admission):
+        admitted = {**state.admitted, body.worker_key: identity.load_public_key(body.worker_key)}
+        return replace(opened, admitted=MappingProxyType(admitted))
+    if isinstance(body, Revocation):
+        remaining = {key: loaded for key, loaded in state.admitted.items() if key != body.worker_key}
+        return replace(opened, admitted=MappingProxyType(remaining), revoked=state.revoked | {body.worker_key})
+    return opened
+
+
+def _entry_problem(state: ChainState, entry: StoredEntry) -> str | None:
+    index = state.next_index
+    if entry.entry.index != index:
+        return f"has index {entry.entry.index} at position {index} (an entry is missing, repeated or moved)"
+    if entry.entry.prev_hash != state.head_hash:
+        return f"prev_hash is not the hash of entry {index - 1} (an entry was changed, removed or moved)"
+    if entry.entry.job_id != state.job_id:
+        return f"belongs to job {entry.entry.job_id!r}, not {state.job_id!r}"
+    if not entries.verify_seal(entry, state.coordinator_key):
+        return "coordinator signature invalid"
+    return _body_problem(state, entry.entry.body)
+
+
+def advance(state: ChainState, stored: bytes) -> tuple[ChainState, StoredEntry]:
+    """Check the entry that follows `state`; raises LedgerError naming what is wrong."""
+    entry = _parse(stored, state.next_index)
+    problem = _entry_problem(state, entry)
+    if problem:
+        raise LedgerError(state.next_index, entry.kind, problem)
+    return _after(state, entry), entry
+
+
+@dataclass(frozen=True)
+class Problem:
+    """The first bad entry (index None: the container, e.g. a ledger file, is bad)."""
+
+    index: int | None
+    kind: str
+    message: str
+
+    def describe(self) -> str:
+        where = "ledger file" if self.index is None else f"entry {self.index} ({self.kind})"
+        return f"{where}: {self.message}"
+
+
+@dataclass(frozen=True)
+class Report:
+    """The outcome of verifying a ledger: what was sound, and the first problem if any."""
+
+    entries: int
+    job_id: str | None
+    head_hash: bytes | None
+    kinds: Mapping[str, int]
+    worker_signatures: int
+    problem: Problem | None
+
+    @property
+    def ok(self) -> bool:
+        return self.problem is None
+
+    def to_json(self) -> dict[str, Any]:
+        problem = None if self.problem is None else asdict(self.problem)
+        return {
+            "ok": self.ok,
+            "job_id": self.job_id,
+            "entries": self.entries,
+            "head_hash": self.head_hash.hex() if self.head_hash else None,
+            "kinds": dict(self.kinds),
+            "worker_signatures": self.worker_signatures,
+            "problem": problem,
+        }
+
+
+def _signature_count(entry: StoredEntry) -> int:
+    body = entry.entry.body
+    if isinstance(body, Iteration):
+        return len(body.results) + len(body.retention)
+    if isinstance(body, Checkpoint):
+        return len(body.attestations)
+    return 1 if isinstance(body, Signed) else 0
+
+
+def failed(problem: Problem) -> Report:
+    return Report(0, None, None, {}, 0, problem)
+
+
+def verify_chain(stored_entries: Iterable[bytes], coordinator_key: bytes | None = None) -> Report:
+    """Verify a whole ledger, stopping at the first bad entry. Never raises on bad input."""
+    state: ChainState | None = None
+    kinds: Counter[str] = Counter()
+    signatures = 0
+    problem = None
+    try:
+        for stored in stored_entries:
+            state, entry = start(stored, coordinator_key) if state is None else advance(state, stored)
+            kinds[entry.kind] += 1
+            signatures += _signature_count(entry)
+    except LedgerError as exc:
+        problem = Problem(exc.index, exc.kind, exc.message)
+    if state is None and problem is None:
+        problem = Problem(0, "none", "the ledger is empty (no genesis)")
+    return Report(
+        entries=state.next_index if state else 0,
+        job_id=state.job_id if state else None,
+        head_hash=state.head_hash if state else None,
+        kinds=dict(kinds),
+        worker_signatures=signatures,
+        problem=problem,
+    )

@@ -1,0 +1,225 @@
+"""The Redis ledger store: one stream per job, atomic compare-and-append, open-iteration state."""
+
+from __future__ import annotations
+
+import enum
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Mapping
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from swarmtune import entries
+
+# Keys of one job. The braces are a Redis Cluster hash tag: every key of a job lands in one slot,
+# which the multi-key append script needs.
+LEDGER_KEY = "swarmtune:{{{job}}}:ledger"
+HEAD_KEY = "swarmtune:{{{job}}}:head"
+OPEN_KEY = "swarmtune:{{{job}}}:open"
+HEAD_PATTERN = "swarmtune:{*}:head"
+ENTRY_FIELD = b"e"
+READ_BATCH = 512
+
+# Compare-and-append, atomic because Redis runs a script without interleaving other commands.
+# KEYS: ledger stream, head hash, open-iteration hash. ARGV: index, prev_hash, entry hash,
+# stored bytes, "1" to delete the open-iteration state with the append.
+# Replies {status, head index, head hash}; head index -1 when the job has no entry.
+APPEND_SCRIPT = """
+local index = tonumber(ARGV[1])
+local head = redis.call('HMGET', KEYS[2], 'index', 'hash')
+local next_index, head_hash = 0, string.rep('\\0', 32)
+if head[1] then next_index, head_hash = tonumber(head[1]) + 1, head[2] end
+local function reply(status)
+  return {status, next_index - 1, head_hash}
+end
+if index < next_index then
+  local id = ARGV[1] .. '-1'
+  local found = redis.call('XRANGE', KEYS[1], id, id)
+  if found[1] and found[1][2][2] == ARGV[4] then return reply('duplicate') end
+  return reply('taken')
+end
+if index > next_index then return reply('gap') end
+if ARGV[2] ~= head_hash then return reply('stale') end
+redis.call('XADD', KEYS[1], ARGV[1] .. '-1', 'e', ARGV[4])
+redis.call('HSET', KEYS[2], 'index', ARGV[1], 'hash', ARGV[3])
+if ARGV[5] == '1' then redis.call('DEL', KEYS[3]) end
+next_index, head_hash = index + 1, ARGV[3]
+return reply('appended')
+"""
+
+
+class StoreError(Exception):
+    """The store cannot do what was asked; the message says what to check."""
+
+
+class StoreUnavailable(StoreError):
+    """Redis cannot be reached or refuses us (down, wrong URL, wrong credentials)."""
+
+
+class AppendStatus(enum.Enum):
+    APPENDED = "appended"  # the entry is now the head
+    DUPLICATE = "duplicate"  # the same bytes were already at that index: nothing to do
+    TAKEN = "taken"  # other bytes hold that index: another writer won this slot
+    STALE = "stale"  # the index is next, but prev_hash is not the head: built on an old head
+    GAP = "gap"  # the index is beyond the next one
+
+
+@dataclass(frozen=True)
+class Head:
+    index: int
+    hash: bytes
+
+
+@dataclass(frozen=True)
+class AppendResult:
+    status: AppendStatus
+    head: Head | None  # the job's head after the attempt
+
+    @property
+    def ok(self) -> bool:
+        """True when the entry is in the ledger (appended now or before)."""
+        return self.status in (AppendStatus.APPENDED, AppendStatus.DUPLICATE)
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _auth_problem(url: str, exc: Exception) -> StoreUnavailable:
+    where = redact(url)
+    if urlsplit(url).password is None:
+        return StoreUnavailable(f"Redis at {where} needs credentials ({exc}); put user:password@ in the URL")
+    return StoreUnavailable(f"Redis at {where} refused our credentials ({exc}); check the user and password in the URL")
+
+
+@contextmanager
+def _translated(url: str) -> Iterator[None]:
+    """Turn redis-py errors into store errors that say what to check."""
+    where = redact(url)
+    try:
+        yield
+    except redis.AuthenticationError as exc:
+        raise _auth_problem(url, exc) from None
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        raise StoreUnavailable(
+            f"cannot reach Redis at {where} ({exc}); check that the server is running and the URL "
+            "(host and port, or socket path; rediss:// for TLS)"
+        ) from None
+    except redis.ResponseError as exc:
+        if str(exc).startswith(("NOAUTH", "WRONGPASS")):
+            raise _auth_problem(url, exc) from None
+        raise StoreError(
+            f"Redis at {where} refused a command ({exc}); "
+            "check that the server is Redis >= 6.2 and that the swarmtune:* keys are swarmtune's"
+        ) from None
+
+
+def _head_from_reply(index: object, head_hash: object) -> Head | None:
+    number = int(index)  # type: ignore[call-overload]
+    return None if number < 0 else Head(number, bytes(head_hash))  # type: ignore[arg-type]
+
+
+class LedgerStore:
+    """Ledger entries and open-iteration state of every job in one Redis database."""
+
+    def __init__(self, client: redis.Redis, url: str) -> None:
+        self._client = client
+        self._url = url
+        self._append = client.register_script(APPEND_SCRIPT)
+
+    @property
+    def url(self) -> str:
+        return self._url
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> LedgerStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def append(self, stored: bytes, *, close_open: bool = False) -> AppendResult:
+        """Append an entry iff it extends the job's head; with `close_open`, drop the open state too.
+
+        Re-appending the same bytes at the same index answers DUPLICATE, so retries are safe.
+        """
+        header = entries.read_header(stored)
+        job = entries.check_job_id(header.job_id)
+        keys = [LEDGER_KEY.format(job=job), HEAD_KEY.format(job=job), OPEN_KEY.format(job=job)]
+        argv = [str(header.index), header.prev_hash, header.hash, stored, "1" if close_open else "0"]
+        with _translated(self._url):
+            status, index, head_hash = self._append(keys=keys, args=argv)
+        return AppendResult(AppendStatus(status.decode()), _head_from_reply(index, head_hash))
+
+    def head(self, job_id: str) -> Head | None:
+        with _translated(self._url):
+            index, head_hash = self._client.hmget(HEAD_KEY.format(job=entries.check_job_id(job_id)), ["index", "hash"])
+        return None if index is None else Head(int(index), head_hash)
+
+    def read(self, job_id: str, start: int = 0, stop: int | None = None) -> Iterator[bytes]:
+        """Stored entries start..stop (inclusive; stop None: to the head), in batches."""
+        key = LEDGER_KEY.format(job=entries.check_job_id(job_id))
+        low = f"{start}-1"
+        high = "+" if stop is None else f"{stop}-1"
+        while True:
+            with _translated(self._url):
+                batch = self._client.xrange(key, low, high, count=READ_BATCH)
+            for _, values in batch:
+                yield values[ENTRY_FIELD]
+            if len(batch) < READ_BATCH:
+                return
+            low = "(" + batch[-1][0].decode()
+
+    def jobs(self) -> list[str]:
+        """Every job with at least one entry, sorted."""
+        prefix, suffix = HEAD_PATTERN.split("*")
+        with _translated(self._url):
+            keys = [key.decode() for key in self._client.scan_iter(match=HEAD_PATTERN, count=1000)]
+        return sorted(key[len(prefix) : -len(suffix)] for key in keys)
+
+    def only_job(self) -> str:
+        """The one job this database holds; StoreError naming the jobs if not exactly one."""
+        jobs = self.jobs()
+        if len(jobs) != 1:
+            found = ", ".join(jobs) if jobs else "none"
+            raise StoreError(f"{redact(self._url)} holds {len(jobs)} jobs ({found}); name one with --job")
+        return jobs[0]
+
+    def get_open(self, job_id: str) -> dict[bytes, bytes]:
+        """The open-iteration state: opaque fields the coordinator owns ({} when none)."""
+        with _translated(self._url):
+            return self._client.hgetall(OPEN_KEY.format(job=entries.check_job_id(job_id)))
+
+    def put_open(self, job_id: str, fields: Mapping[str | bytes, bytes]) -> None:
+        """Set (add or overwrite) fields of the open-iteration state."""
+        if fields:
+            with _translated(self._url):
+                self._client.hset(OPEN_KEY.format(job=entries.check_job_id(job_id)), mapping=dict(fields))
+
+    def delete_open(self, job_id: str) -> None:
+        with _translated(self._url):
+            self._client.delete(OPEN_KEY.format(job=entries.check_job_id(job_id)))
+
+
+def connect(url: str, timeout_s: float = 5.0) -> LedgerStore:
+    """Open and check a store at a `redis://`, `rediss://` or `unix://` URL (user:password allowed)."""
+    if urlsplit(url).scheme not in ("redis", "rediss", "unix"):
+        raise StoreUnavailable(f"{redact(url)} is not a Redis URL; use redis://, rediss:// or unix://")
+    # Few quick retries: a retried append is safe (DUPLICATE), and a dead server is reported fast.
+    retry = Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2)
+    with _translated(url):
+        client = redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=30.0, retry=retry)
+        client.ping()
+    return LedgerStore(client, url)
