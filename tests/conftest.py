@@ -9,6 +9,8 @@ import pytest
 
 from swarmtune.embedded_redis import EmbeddedRedis
 
+pytest_plugins = ["tests.fixtures_models"]
+
 
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:

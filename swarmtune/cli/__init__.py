@@ -10,10 +10,16 @@ import sys
 # `add_arguments(parser)` and `run(args) -> int`, and import heavy dependencies inside `run`
 # so `--help` stays fast and a broken optional dependency only breaks its own command.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "audit": ("audit_cmd", "verify a ledger end to end: chain, signatures, admissions, coefficients, and with --replay every attested hash"),
+    "coordinator": ("coordinator_cmd", "run a job's coordinator: publish iterations, collect signed rewards, append the ledger"),
+    "demo": ("demo_cmd", "run the whole system on this machine: ES fine-tunes a tiny model with 2 workers, then audits and plots it"),
+    "export": ("export_cmd", "write a Hugging Face model directory of a job at any iteration, replayed from its ledger"),
     "hash": ("hash_cmd", "print the canonical state hash of a model directory's genesis state"),
     "keygen": ("keygen_cmd", "create an Ed25519 key file for a worker or coordinator"),
     "ledger": ("ledger_cmd", "export, import or verify a job's ledger file"),
+    "plot": ("plot_cmd", "draw a job's reward and retention curves from its ledger (PNG)"),
     "replay": ("replay_cmd", "rebuild a job's model state from its base model and ledger file; print its hash"),
+    "status": ("status_cmd", "show a job at a glance: progress, rewards, retention, workers (live from its coordinator or from Redis)"),
     "worker": ("worker_cmd", "run a worker: evaluate members for a coordinator on this machine's CPU or GPU"),
 }
 

@@ -6,15 +6,27 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
 
 from swarmtune.cli import CommandError
+
+if TYPE_CHECKING:
+    from swarmtune.replay import Replica
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ledger", type=Path, required=True, help="ledger file (from `swarmtune ledger export`)")
     parser.add_argument("--model", help="base model directory (default: the model the job spec names)")
     parser.add_argument("--until", type=int, help="stop after this iteration (default: the last one)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the bare hash")
+    parser.add_argument("--each", action="store_true", help="also print the state hash after every iteration")
+    parser.add_argument("--json", action="store_true", help="print JSON objects (one per line) instead of bare hashes")
+
+
+def _printer(as_json: bool) -> Callable[[dict[str, Any]], None]:
+    def emit(fields: dict[str, Any]) -> None:
+        print(json.dumps(fields) if as_json else fields["state_hash"], flush=True)
+
+    return emit
 
 
 def run(args: argparse.Namespace) -> int:
@@ -34,28 +46,29 @@ def run(args: argparse.Namespace) -> int:
     if not verified:
         raise CommandError(f"{args.ledger} holds no entries; export the ledger of a started job")
     try:
-        model, _ = load_model(resolve_model(args.model or genesis_spec(verified[0].entry.body).model))
+        model, _ = load_model(resolve_model(args.model or genesis_spec(verified[0].entry.body).model))  # type: ignore[arg-type]
     except (ModelResolutionError, JobSpecError, OSError) as exc:
         raise CommandError(f"cannot load the base model: {exc}") from None
-    with tqdm(desc="replay", unit="it", file=sys.stderr, disable=args.json or not sys.stderr.isatty()) as bar:
+    emit = _printer(args.json)
+    with tqdm(desc="replay", unit="it", file=sys.stderr, disable=not sys.stderr.isatty()) as bar:
 
-        def progress(done: int, total: int) -> None:
-            bar.total = total
-            bar.update(done - bar.n)
+        def on_iteration(replica: Replica, target: int) -> None:
+            bar.total = target
+            bar.update(replica.iteration - bar.n)
+            if args.each:
+                emit({"iteration": replica.iteration, "state_hash": replica.state_hash().hex()})
 
         try:
-            result = replay(model, verified, args.until, progress)
+            result = replay(model, verified, args.until, on_iteration)
         except ReplayError as exc:
             raise CommandError(str(exc)) from None
-    if args.json:
-        summary = {
+    emit(
+        {
             "job_id": verified[0].entry.job_id,
             "iteration": result.iteration,
             "entries": result.entries,
             "head_hash": result.head_hash.hex(),
             "state_hash": result.state_hash.hex(),
         }
-        print(json.dumps(summary))
-    else:
-        print(result.state_hash.hex())
+    )
     return 0

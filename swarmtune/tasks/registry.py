@@ -12,7 +12,7 @@ from pathlib import Path
 from types import MappingProxyType, ModuleType
 from typing import Any, Callable, Mapping
 
-from swarmtune.tasks import conciseness, countdown, math_answer
+from swarmtune.tasks import conciseness, countdown, demo, math_answer
 from swarmtune.tasks.base import (
     DatasetTask,
     Example,
@@ -27,9 +27,11 @@ from swarmtune.tasks.base import (
 TaskFactory = Callable[..., Task]
 
 # Built-in task names -> factories taking keyword options (all accept `tokenizer`).
-# The demo task (swarmtune/tasks/demo.py) is registered here by its author as "demo".
 BUILTIN_TASKS: Mapping[str, TaskFactory] = MappingProxyType(
     {
+        "demo": demo.addition_task,
+        "demo-add": demo.addition_task,
+        "demo-reverse": demo.reversal_task,
         "countdown": countdown.load,
         "conciseness": conciseness.load,
         "math": math_answer.load,

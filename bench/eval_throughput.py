@@ -1,0 +1,215 @@
+"""Population evaluation throughput: plain inference vs low-rank batched vs dense vs Qiu et al.'s reference."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import transformers
+
+from swarmtune.evaluation import HFEvaluator, decode_completions, encode_prompts, greedy_tokens, mean_reward
+from swarmtune.models import build_random_model, load_model
+from swarmtune.noise import NoiseConfig
+from swarmtune.seeds import MemberNoise, population
+from swarmtune.state import MasterState, build_plan, master_from_model, write_weights
+from swarmtune.tasks.base import Example, columns_of
+
+POPULATION = 30
+SIGMA = 1e-3  # the paper's σ
+JOB_SEED = 2024
+# The machine has few cores and may be shared; BENCH_THREADS overrides the thread count.
+THREADS = int(os.environ.get("BENCH_THREADS", len(os.sched_getaffinity(0))))
+METHODS = ("inference", "lowrank", "dense", "reference")
+
+
+@dataclass(frozen=True)
+class ModelCase:
+    """One model size and the workload measured on it."""
+
+    name: str
+    hidden: int
+    layers: int
+    heads: int
+    intermediate: int
+    prompts: int
+    new_tokens: int
+    rounds: int
+
+
+CASES = (
+    # The demo scale (~0.5M parameters, as in the demo prototype); the headline ratios come from it.
+    ModelCase("demo", hidden=128, layers=3, heads=4, intermediate=256, prompts=8, new_tokens=32, rounds=3),
+    # build_random_model's default: the smallest model, where per-token overheads weigh most.
+    ModelCase("tiny", hidden=64, layers=2, heads=4, intermediate=128, prompts=8, new_tokens=32, rounds=3),
+    # Fewer prompts and tokens keep the larger model's dense and reference passes inside the time budget.
+    ModelCase("large", hidden=512, layers=6, heads=8, intermediate=1536, prompts=4, new_tokens=16, rounds=1),
+)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What every method evaluates: the same members, prompt batch, reward and token budget."""
+
+    members: tuple[MemberNoise, ...]
+    examples: tuple[Example, ...]
+    new_tokens: int
+
+
+def countdown_examples(count: int) -> tuple[Example, ...]:
+    """Short Countdown-style prompts with their targets as the reward column."""
+    rows = [(3 + i % 5, 7 + i % 3, 11 + i, 20 + 3 * i) for i in range(count)]
+    return tuple(
+        Example(f"Using {a}, {b} and {c}, make {target}. Answer:", {"target": target}) for a, b, c, target in rows
+    )
+
+
+def target_reward(prompts: list[str], completions: list[str], target: list[int]) -> list[float]:
+    """1 if the completion contains the target, else the fraction of its characters that are digits."""
+    return [
+        1.0 if str(t) in c else sum(ch.isdigit() for ch in c) / max(1, len(c)) for c, t in zip(completions, target)
+    ]
+
+
+def member_rewards(tokenizer: Any, tokens: torch.Tensor, workload: Workload, stop_ids: Sequence[int]) -> list[float]:
+    """Per-member mean rewards of member-major generated rows."""
+    prompts = [example.prompt for example in workload.examples]
+    columns = columns_of(workload.examples)
+    texts = decode_completions(tokenizer, tokens, stop_ids)
+    size = len(prompts)
+    return [mean_reward(target_reward, prompts, texts[i : i + size], columns) for i in range(0, len(texts), size)]
+
+
+def run_inference(model: Any, tokenizer: Any, workload: Workload) -> list[float]:
+    """The limit: plain batched greedy inference of N×P rows at the center, same loop and rewards."""
+    batch = encode_prompts(tokenizer, [e.prompt for e in workload.examples], "cpu").repeat(len(workload.members))
+    tokens = greedy_tokens(model, batch, workload.new_tokens, (), tokenizer.pad_token_id)
+    return member_rewards(tokenizer, tokens, workload, ())
+
+
+def qiu_perturb(model: Any, seed: int, alpha: float) -> None:
+    """The published in-place perturbation: per parameter, seeded torch.randn added with add_(alpha=)."""
+    for param in model.parameters():
+        generator = torch.Generator(device=param.device).manual_seed(seed)
+        noise = torch.randn(param.shape, generator=generator, device=param.device, dtype=param.dtype)
+        param.data.add_(noise, alpha=alpha)
+
+
+def run_reference(model: Any, tokenizer: Any, workload: Workload) -> list[float]:
+    """Qiu et al.'s loop: per member perturb in place, generate and score, regenerate the noise and subtract."""
+    batch = encode_prompts(tokenizer, [e.prompt for e in workload.examples], "cpu")
+    rewards = []
+    for member in workload.members:
+        qiu_perturb(model, member.seed, SIGMA)
+        tokens = greedy_tokens(model, batch, workload.new_tokens, (), tokenizer.pad_token_id)
+        rewards += member_rewards(tokenizer, tokens, workload, ())
+        qiu_perturb(model, member.seed, -SIGMA)
+    return rewards
+
+
+def evaluator(model: Any, tokenizer: Any, family: str) -> tuple[HFEvaluator, MasterState]:
+    noise = NoiseConfig(family=family, distribution="gaussian", rank=1)
+    state = master_from_model(model, build_plan(model, family))
+    return HFEvaluator(model, tokenizer, state, noise, SIGMA, "cpu"), state
+
+
+def timed(run: Callable[[], list[float]]) -> float:
+    start = time.perf_counter()
+    rewards = run()
+    elapsed = time.perf_counter() - start
+    if len(rewards) != POPULATION:
+        raise RuntimeError(f"a method returned {len(rewards)} rewards for {POPULATION} members")
+    return elapsed
+
+
+def measure(case: ModelCase, directory: Path) -> dict[str, Any]:
+    """Member-evaluations per second of each method on one model, methods interleaved round by round."""
+    model, tokenizer = load_model(build_random_model(directory / case.name, hidden=case.hidden, layers=case.layers,
+                                                     heads=case.heads, intermediate=case.intermediate))
+    # No EOS: every row decodes exactly new_tokens, so all four methods do the same work.
+    model.generation_config.eos_token_id = []
+    workload = Workload(population(JOB_SEED, 0, POPULATION, antithetic=False), countdown_examples(case.prompts),
+                        case.new_tokens)
+    lowrank, center = evaluator(model, tokenizer, "lowrank")
+    dense, _ = evaluator(model, tokenizer, "dense")
+    runs: dict[str, Callable[[], list[float]]] = {
+        "inference": lambda: run_inference(model, tokenizer, workload),
+        "lowrank": lambda: lowrank.evaluate(workload.members, workload.examples, target_reward, case.new_tokens),
+        "dense": lambda: dense.evaluate(workload.members, workload.examples, target_reward, case.new_tokens),
+        "reference": lambda: run_reference(model, tokenizer, workload),
+    }
+    run_inference(model, tokenizer, Workload(workload.members[:1], workload.examples, 2))  # warm-up
+    seconds: dict[str, list[float]] = {method: [] for method in METHODS}
+    for _ in range(case.rounds):
+        for method in METHODS:
+            seconds[method].append(timed(runs[method]))
+        write_weights(model, center)  # undo the reference's in-place drift before the next round
+    rates = {method: POPULATION / statistics.median(seconds[method]) for method in METHODS}
+    return {
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "hidden": case.hidden,
+        "layers": case.layers,
+        "prompts": case.prompts,
+        "new_tokens": case.new_tokens,
+        "rounds": case.rounds,
+        "member_evals_per_s": {method: round(rate, 3) for method, rate in rates.items()},
+        "lowrank_vs_inference": round(rates["lowrank"] / rates["inference"], 3),
+        "lowrank_vs_reference": round(rates["lowrank"] / rates["reference"], 3),
+        "dense_vs_reference": round(rates["dense"] / rates["reference"], 3),
+    }
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "load_average_1min": os.getloadavg()[0],  # other processes on the machine skew wall-clock rates
+    }
+
+
+def table(results: dict[str, dict[str, Any]]) -> str:
+    header = f"{'model':6} {'params':>10} {'P':>3} {'tok':>4} " + " ".join(f"{m:>10}" for m in METHODS)
+    header += f" {'lr/inf':>7} {'lr/ref':>7} {'den/ref':>7}"
+    lines = [f"member-evaluations per second, N={POPULATION}", header]
+    for name, r in results.items():
+        rates = " ".join(f"{r['member_evals_per_s'][m]:>10.2f}" for m in METHODS)
+        lines.append(
+            f"{name:6} {r['parameters']:>10,} {r['prompts']:>3} {r['new_tokens']:>4} {rates} "
+            f"{r['lowrank_vs_inference']:>7.2f} {r['lowrank_vs_reference']:>7.2f} {r['dense_vs_reference']:>7.2f}"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    torch.set_num_threads(THREADS)
+    load_before = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        results = {case.name: measure(case, Path(tmp)) for case in CASES}
+    demo = results["demo"]
+    info = {**machine(), "load_average_1min_before": load_before}
+    print(f"{info['cpu']}, {info['cores']} cores, {info['torch_threads']} torch threads, torch {info['torch']}")
+    print(table(results))
+    summary = {key: demo[key] for key in ("lowrank_vs_inference", "lowrank_vs_reference", "dense_vs_reference")}
+    print(json.dumps({**summary, "population": POPULATION, "sigma": SIGMA, "machine": info, "models": results}))
+
+
+if __name__ == "__main__":
+    main()

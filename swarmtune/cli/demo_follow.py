@@ -1,0 +1,93 @@
+"""The demo's own replica: it verifies and replays the ledger as it grows and measures the center model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence, cast
+
+from swarmtune import ledger
+from swarmtune.entries import Genesis, Iteration
+from swarmtune.evaluation import HFEvaluator
+from swarmtune.jobspec import JobSpec
+from swarmtune.models import load_model
+from swarmtune.replay import Replica, replica_from_genesis
+from swarmtune.tasks.base import Task, columns_of
+from swarmtune.tasks.demo import exact_match
+from swarmtune.tasks.registry import load_task
+
+FETCH_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Held-out exact-match accuracy of the center model after `iteration` iterations (0: the base model)."""
+
+    iteration: int
+    task_accuracy: float
+    probe_accuracy: float
+
+
+class Follower:
+    """Replays a job's ledger entry by entry, each verified against the chain first (as a worker does),
+    and measures the center model on both held-out sets every `every` iterations."""
+
+    def __init__(self, genesis: bytes, coordinator_key: bytes, model_dir: Path, spec: JobSpec, every: int) -> None:
+        self.chain, entry = ledger.start(genesis, coordinator_key)
+        model, tokenizer = load_model(model_dir)
+        self.replica: Replica = replica_from_genesis(model, cast(Genesis, entry.entry.body))  # start() checked the kind
+        self.evaluator = HFEvaluator(model, tokenizer, self.replica.state, spec.noise, spec.sigma, "cpu")
+        self.spec = spec
+        self.every = every
+        self.task = load_task(spec.task, tokenizer=tokenizer, **spec.task_options)
+        self.probe = load_task(spec.retention_task, tokenizer=tokenizer, **spec.retention_options)
+        self.checkpoints = [self.measure()]
+
+    @property
+    def next_index(self) -> int:
+        return self.chain.next_index
+
+    @property
+    def iteration(self) -> int:
+        return self.replica.iteration
+
+    @property
+    def latest(self) -> Checkpoint:
+        return self.checkpoints[-1]
+
+    def accept(self, stored: bytes) -> None:
+        """Verify the next entry; apply it if it closes an iteration; measure when a checkpoint is due."""
+        self.chain, entry = ledger.advance(self.chain, stored)
+        if isinstance(entry.entry.body, Iteration):
+            self.replica.apply(entry.entry.body)
+            if self.replica.iteration % self.every == 0:
+                self.checkpoints.append(self.measure())
+
+    def accept_all(self, stored_entries: Iterable[bytes]) -> None:
+        for stored in stored_entries:
+            self.accept(stored)
+
+    def finish(self) -> None:
+        """Measure the final center model if the last checkpoint was earlier."""
+        if self.latest.iteration != self.replica.iteration:
+            self.checkpoints.append(self.measure())
+
+    def measure(self) -> Checkpoint:
+        self.evaluator.set_center(self.replica.state)
+        return Checkpoint(self.replica.iteration, self.accuracy(self.task), self.accuracy(self.probe))
+
+    def accuracy(self, task: Task) -> float:
+        """Exact-match accuracy of the center's greedy completions on the task's held-out split."""
+        examples = task.held_out()
+        prompts = [example.prompt for example in examples]
+        completions = self.evaluator.generate(prompts, self.spec.max_new_tokens)
+        scores = exact_match(prompts, completions, **columns_of(examples))
+        return sum(scores) / len(scores)
+
+
+def fetch_entries(stub: Any, from_index: int) -> Sequence[bytes]:
+    """Stored entry bytes from `from_index` to the coordinator's head (its FetchLedger RPC)."""
+    from swarmtune.wire import service_pb2 as pb
+
+    request = pb.FetchLedgerRequest(from_index=from_index, to_index=0)
+    return [item.stored for item in stub.FetchLedger(request, timeout=FETCH_TIMEOUT_S)]

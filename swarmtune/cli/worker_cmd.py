@@ -1,0 +1,62 @@
+"""`swarmtune worker`: evaluate ES members for a coordinator on this machine, until the job ends."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from swarmtune.cli import CommandError
+from swarmtune.worker.config import BACKENDS, DEVICES
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--coordinator", required=True, metavar="HOST:PORT", help="the coordinator's gRPC address")
+    parser.add_argument("--key", type=Path, required=True, help="this worker's key file (from `swarmtune keygen`)")
+    parser.add_argument("--device", choices=DEVICES, default="cpu", help="where to evaluate (default cpu)")
+    parser.add_argument("--backend", choices=BACKENDS, default="hf", help="evaluation backend (default hf)")
+    parser.add_argument("--tls-ca", type=Path, help="CA certificate (PEM) to verify the coordinator over TLS")
+    parser.add_argument("--model", help="local directory of the job's base model (default: the model the job names)")
+    parser.add_argument("--capacity", type=_positive, default=16, help="members to evaluate per iteration (default 16)")
+    parser.add_argument("--operator", default="", help="who runs this worker; replicas of a member avoid one operator")
+    parser.add_argument("--log-json", action="store_true", help="log JSON lines instead of human-readable lines")
+
+
+def run(args: argparse.Namespace) -> int:
+    from swarmtune.identity import IdentityError
+    from swarmtune.models import ModelResolutionError
+    from swarmtune.worker.backend import BackendError, backend_factory
+    from swarmtune.worker.config import WorkerConfig
+    from swarmtune.worker.daemon import WorkerFailure, serve
+    from swarmtune.worker.session import ConnectError
+
+    config = WorkerConfig(
+        coordinator=args.coordinator,
+        key_path=args.key,
+        device=args.device,
+        backend=args.backend,
+        tls_ca=args.tls_ca,
+        model=args.model,
+        capacity=args.capacity,
+        operator=args.operator,
+        log_json=args.log_json,
+    )
+    if config.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise CommandError("--device cuda: no CUDA device is visible to PyTorch; use --device cpu or install a CUDA build")
+    # The worker's own events are the log; library progress bars would interleave with them.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        return serve(config, backend_factory(config.backend))
+    except (BackendError, IdentityError, ConnectError, ModelResolutionError, WorkerFailure) as exc:
+        raise CommandError(str(exc)) from None

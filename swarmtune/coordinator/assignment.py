@@ -1,0 +1,124 @@
+"""Who evaluates which member: capacity-weighted, replicas on distinct workers and operators."""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A connected worker that can take members."""
+
+    key: bytes
+    operator: str  # replicas of one member never share an operator
+    capacity: int  # members per iteration it asked for
+
+
+def effective_replicas(replicas: int, candidates: Sequence[Candidate]) -> int:
+    """k, or fewer when fewer distinct operators are connected (a replica per operator at most)."""
+    return max(1, min(replicas, len({c.operator for c in candidates})))
+
+
+def quotas(slots: int, capacities: Sequence[int], cap: int | None = None) -> list[int]:
+    """Split `slots` proportionally to capacities (largest remainder; ties to the earlier worker),
+    never giving a worker more than its capacity or `cap`; what a capped worker cannot take goes
+    to the others in proportion."""
+    limits = [min(c, cap) if cap is not None else c for c in capacities]
+    shares = [0] * len(capacities)
+    open_ = [i for i, c in enumerate(capacities) if c > 0]
+    left = min(slots, sum(limits))
+    while left > 0 and open_:
+        total = sum(capacities[i] for i in open_)
+        exact = {i: left * capacities[i] for i in open_}  # share_i = exact_i / total, kept as integers
+        step = {i: exact[i] // total for i in open_}
+        extra = left - sum(step.values())
+        for i in sorted(open_, key=lambda i: (-(exact[i] % total), i))[:extra]:
+            step[i] += 1
+        for i in open_:
+            shares[i] += min(step[i], limits[i] - shares[i])
+        left = min(slots, sum(limits)) - sum(shares)
+        open_ = [i for i in open_ if shares[i] < limits[i]]
+    return shares
+
+
+def rotated(candidates: Sequence[Candidate], rotation: int) -> list[Candidate]:
+    """Start the preference order at `rotation`, so surplus workers get turns across iterations."""
+    if not candidates:
+        return []
+    start = rotation % len(candidates)
+    return [*candidates[start:], *candidates[:start]]
+
+
+def assign(members: Sequence[int], candidates: Sequence[Candidate], replicas: int, rotation: int = 0) -> dict[bytes, tuple[int, ...]]:
+    """Initial assignment of an iteration: member -> up to `replicas` workers of distinct operators.
+
+    Each worker's share of the slots follows its capacity and never exceeds it; slots beyond the
+    total capacity stay unassigned, and workers pull them as they finish (see `reassign`). Within
+    the constraints the worker with the most unfilled quota goes first. Returns worker key -> its
+    members in member order.
+    """
+    order = rotated(candidates, rotation)
+    if not order or not members:
+        return {}
+    k = effective_replicas(replicas, order)
+    capacities = [c.capacity for c in order]
+    quota = quotas(len(members) * k, capacities, cap=len(members))  # a worker holds a member once
+    # Heap of (-remaining quota, preference position): the most under-filled worker first.
+    heap = [(-q, position) for position, q in enumerate(quota) if q > 0]
+    heapq.heapify(heap)
+    taken: dict[int, list[int]] = {}
+    for _ in range(k):
+        for member in members:
+            holders = taken.setdefault(member, [])
+            operators = {order[p].operator for p in holders}
+            skipped = []
+            while heap and (heap[0][1] in holders or order[heap[0][1]].operator in operators):
+                skipped.append(heapq.heappop(heap))
+            if heap:
+                remaining, position = heapq.heappop(heap)
+                holders.append(position)
+                if remaining + 1 < 0:
+                    heapq.heappush(heap, (remaining + 1, position))
+            for item in skipped:
+                heapq.heappush(heap, item)
+    result: dict[bytes, list[int]] = {}
+    for member in members:
+        for position in taken[member]:
+            result.setdefault(order[position].key, []).append(member)
+    return {key: tuple(sorted(assigned)) for key, assigned in result.items()}
+
+
+def reassign(
+    needs: Mapping[int, int],
+    holders: Mapping[int, frozenset[bytes]],
+    candidates: Sequence[Candidate],
+    load: Mapping[bytes, int],
+) -> dict[bytes, tuple[int, ...]]:
+    """Extra holders for members that need them (unassigned, a straggler's, a lost worker's, a disputed one's).
+
+    `needs` is member -> extra holders wanted; a new holder has spare capacity (`load` is what it
+    still owes), never holds the member already and never shares an operator with its holders; the
+    least loaded relative to capacity goes first. Members no candidate can take are left out: the
+    caller retries as workers finish or come.
+    """
+    by_key = {c.key: c for c in candidates}
+    # Only workers with spare capacity can take more; when none has, nothing is scanned.
+    spare = {c.key: c.capacity - load.get(c.key, 0) for c in candidates if load.get(c.key, 0) < c.capacity}
+    added: dict[bytes, list[int]] = {}
+    for member in sorted(needs):
+        if not spare:
+            break
+        for _ in range(needs[member]):
+            held = holders.get(member, frozenset()) | {key for key, got in added.items() if member in got}
+            operators = {by_key[key].operator for key in held if key in by_key}
+            eligible = [by_key[key] for key in spare if key not in held and by_key[key].operator not in operators]
+            if not eligible:
+                break
+            chosen = min(eligible, key=lambda c: (1 - spare[c.key] / c.capacity, -c.capacity))
+            spare[chosen.key] -= 1
+            if not spare[chosen.key]:
+                del spare[chosen.key]
+            added.setdefault(chosen.key, []).append(member)
+    return {key: tuple(sorted(members)) for key, members in added.items()}

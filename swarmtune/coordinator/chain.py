@@ -1,0 +1,131 @@
+"""The coordinator's ledger: recover what the chain says, then seal and append entries one at a time."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Iterable
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from swarmtune import entries, identity, ledger
+from swarmtune.coordinator.close import retention_alerts, verdicts_of
+from swarmtune.coordinator.redundancy import strikes
+from swarmtune.coordinator.status import RECENT_ITERATIONS, IterationFigures, figures_of
+from swarmtune.entries import Admission, Genesis, Iteration, Revocation, Signed, StoredEntry
+from swarmtune.store import LedgerStore
+from swarmtune.wire import ledger_pb2
+
+
+class ChainConflict(Exception):
+    """The stored head is not ours: two coordinators must never run one job."""
+
+
+@dataclass
+class History:
+    """What the ledger says so far, kept current as the coordinator appends."""
+
+    genesis: Genesis
+    genesis_hash: bytes
+    head: StoredEntry
+    admitted: set[bytes]
+    revoked: set[bytes]
+    last_iteration: int = 0
+    operators: dict[bytes, str] = field(default_factory=dict)  # from admission entries
+    strikes: Counter[bytes] = field(default_factory=Counter)  # disagreements with a standing majority
+    baselines: dict[str, float] = field(default_factory=dict)  # first value of each retention figure
+    attested: dict[tuple[bytes, int], bytes] = field(default_factory=dict)  # (key, iteration) -> signed bytes
+    figures: deque[IterationFigures] = field(default_factory=lambda: deque(maxlen=RECENT_ITERATIONS))
+
+    def note(self, stored: StoredEntry) -> None:
+        """Account for an entry that is now the head (strikes are the job's to count)."""
+        self.head = stored
+        body = stored.entry.body
+        if isinstance(body, Iteration):
+            self.last_iteration = body.iteration
+            _, self.baselines = retention_alerts(body.retention, self.baselines, 0.0)
+            self.figures.append(figures_of(body))
+        elif isinstance(body, Admission):
+            self.admitted.add(body.worker_key)
+            self.operators[body.worker_key] = body.operator_fingerprint
+        elif isinstance(body, Revocation):
+            self.admitted.discard(body.worker_key)
+            self.revoked.add(body.worker_key)
+        elif isinstance(body, Signed):
+            record = body.record
+            self.attested[(record.worker_key, record.iteration)] = entries.encode_signed(body)
+
+
+def recover(stored_entries: Iterable[bytes], coordinator_key: bytes, tolerance: float) -> History:
+    """Verify the whole stored chain (pinning our coordinator key) and summarize it."""
+    history: History | None = None
+    state: ledger.ChainState | None = None
+    for stored in stored_entries:
+        if state is None:
+            state, entry = ledger.start(stored, coordinator_key)
+            genesis = entry.entry.body
+            assert isinstance(genesis, Genesis)  # ledger.start checked it
+            history = History(genesis, entry.hash, entry, set(genesis.admitted_workers), set())
+        else:
+            state, entry = ledger.advance(state, stored)
+            assert history is not None
+            history.note(entry)
+            if isinstance(entry.entry.body, Iteration):  # recounted from what was recorded
+                history.strikes.update(strikes(verdicts_of(entry.entry.body.results, frozenset(), tolerance).values()))
+    if history is None:
+        raise ValueError("the ledger is empty; write its genesis first")
+    return history
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class Chain:
+    """Appends entries in order, each sealed by the coordinator key and compare-and-appended."""
+
+    def __init__(self, store: LedgerStore, key: Ed25519PrivateKey, history: History) -> None:
+        self._store = store
+        self._key = key
+        self._lock = asyncio.Lock()
+        self.history = history
+
+    @property
+    def head(self) -> StoredEntry:
+        return self.history.head
+
+    async def append(self, body: entries.Body) -> StoredEntry:
+        """Seal `body` after the head and append it; an iteration entry also drops the open state."""
+        async with self._lock:
+            entry = entries.next_entry(self.head, body, now_ms())
+            stored = entries.seal(self._key, entry)
+            result = await asyncio.to_thread(self._store.append, stored, close_open=isinstance(body, Iteration))
+            if not result.ok:
+                raise ChainConflict(
+                    f"appending entry {entry.index} of job {entry.job_id!r} found {result.status.value}: the ledger "
+                    "moved under this coordinator (another coordinator of the job, or an append whose reply was "
+                    "lost); make sure only one coordinator runs the job, then restart it: it resumes from the ledger"
+                )
+            # We built `entry` ourselves: only the envelope needs reading back, not every result in it.
+            envelope = ledger_pb2.SignedEntry.FromString(stored)
+            appended = StoredEntry(entry, envelope.entry, envelope.signature, stored, entries.entry_hash(stored))
+            self.history.note(appended)
+            return appended
+
+
+def genesis_entry(key: Ed25519PrivateKey, job_id: str, genesis: Genesis) -> bytes:
+    return entries.seal(key, entries.first_entry(job_id, genesis, now_ms()))
+
+
+def check_genesis(genesis: Genesis, job_spec: bytes, coordinator_key: bytes) -> str | None:
+    """Why an existing ledger is not this job's (None if it is)."""
+    if genesis.job_spec != job_spec:
+        return "its genesis holds a different job spec; give this job a new [job] id, or use the original spec file"
+    if genesis.coordinator_key != coordinator_key:
+        return (
+            f"it was started by coordinator key {identity.fingerprint(genesis.coordinator_key)}; "
+            "pass that key with --key"
+        )
+    return None

@@ -1,0 +1,176 @@
+"""Checks on what workers submit: each result, report or attestation gets exactly one reason code."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Collection, Generic, Mapping, TypeVar
+
+from swarmtune import entries, identity
+from swarmtune.coordinator.lifecycle import OpenIteration
+from swarmtune.entries import Attestation, RetentionReport, Signed, WorkerResult
+from swarmtune.wire import service_pb2 as pb
+
+# Bound on a submitted item: a SignedResult is ~170 bytes; reports carry a few named figures.
+MAX_ITEM_BYTES = 4096
+MAX_FIGURES = 64
+
+Record = TypeVar("Record", WorkerResult, RetentionReport, Attestation)
+
+
+@dataclass(frozen=True)
+class Checked(Generic[Record]):
+    """The reason code for one submitted item, a detail that says what to do, and the parsed item."""
+
+    reason: int  # a service_pb2.Reason value
+    detail: str
+    signed: Signed[Record] | None = None
+
+    @property
+    def held(self) -> bool:
+        """The coordinator holds the item (newly or before): the worker must not resend it."""
+        return self.reason in (pb.ACCEPTED, pb.DUPLICATE)
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a submission is checked against: the worker's session, the open iteration, the keys."""
+
+    job_id: str
+    worker_key: bytes  # the session's key; every item must be signed by it
+    admitted: Collection[bytes]
+    revoked: Collection[bytes]
+    open_iteration: OpenIteration | None  # None while no iteration takes results
+    last_closed: int
+    reward_range: tuple[float, float]
+    recorded: Mapping[int, bytes]  # member -> this worker's result bytes in the last closed iteration's entry
+
+
+def _reject(reason: int, detail: str) -> Checked[Any]:
+    return Checked(reason, detail)
+
+
+def _parse(record_type: type[Record], data: bytes) -> Signed[Record] | Checked[Any]:
+    if len(data) > MAX_ITEM_BYTES:
+        return _reject(pb.MALFORMED, f"item is {len(data)} bytes, more than {MAX_ITEM_BYTES}")
+    try:
+        return entries.decode_signed(record_type, data)
+    except entries.EntryError as exc:
+        return _reject(pb.MALFORMED, f"{exc}; send the serialized Signed message exactly as signed")
+
+
+def _opened(record_type: type[Record], context: Context, data: bytes) -> Signed[Record] | Checked[Any]:
+    """The parsed item, or why it cannot be taken whatever it says: its bytes, job or signer."""
+    parsed = _parse(record_type, data)
+    if isinstance(parsed, Checked):
+        return parsed
+    return _signer_problem(context, parsed.record) or parsed
+
+
+def _signer_problem(context: Context, record: Any) -> Checked[Any] | None:
+    if record.job_id != context.job_id:
+        return _reject(pb.WRONG_JOB, f"bound to job {record.job_id!r}; this coordinator runs {context.job_id!r}")
+    if record.worker_key != context.worker_key:
+        return _reject(pb.KEY_MISMATCH, "signed for another worker key than this session's; sign with the key you joined with")
+    if record.worker_key in context.revoked:
+        return _reject(pb.REVOKED_KEY, f"worker {identity.fingerprint(record.worker_key)} is revoked in the ledger")
+    if record.worker_key not in context.admitted:
+        return _reject(pb.UNKNOWN_KEY, f"worker {identity.fingerprint(record.worker_key)} is not admitted; ask the operator to admit it")
+    return None
+
+
+def _iteration_problem(context: Context, iteration: int, head_hash: bytes) -> Checked[Any] | None:
+    current = context.open_iteration
+    if iteration <= context.last_closed:
+        return _reject(pb.ITERATION_CLOSED, f"iteration {iteration} is closed; drop it and follow the announcements")
+    if current is None or iteration != current.iteration:
+        return _reject(pb.ITERATION_NOT_OPEN, f"iteration {iteration} is not open; wait for its announcement")
+    if head_hash != current.head_hash:
+        return _reject(pb.WRONG_HEAD, "bound to another ledger head than the open iteration's; use IterationOpened.head_hash")
+    return None
+
+
+def _signature_problem(signed: Signed[Any]) -> Checked[Any] | None:
+    if not entries.verify_record(signed):
+        return _reject(pb.BAD_SIGNATURE, "signature does not verify over the body bytes with the worker key")
+    return None
+
+
+def check_result(
+    context: Context,
+    data: bytes,
+    assigned: Collection[int],
+    held: Mapping[int, bytes],
+    settled: Collection[int],
+) -> Checked[WorkerResult]:
+    """One submitted SignedResult. `assigned`: members this worker was ever given in the open
+    iteration; `held`: its accepted result bytes by member; `settled`: members that need no more."""
+    parsed = _opened(WorkerResult, context, data)
+    if isinstance(parsed, Checked):
+        return parsed
+    result = parsed.record
+    if result.iteration == context.last_closed and context.recorded.get(result.member) == data:
+        return Checked(pb.DUPLICATE, f"already recorded in iteration {result.iteration}'s entry", parsed)
+    problem = _iteration_problem(context, result.iteration, result.head_hash)
+    if problem:
+        return problem
+    if result.member in held:
+        if held[result.member] == data:
+            return Checked(pb.DUPLICATE, "already accepted", parsed)
+        return _reject(pb.CONFLICTING_RESULT, f"a different result for member {result.member} was accepted from this worker")
+    assert context.open_iteration is not None  # _iteration_problem saw it open
+    seeds = context.open_iteration.seeds
+    if result.member not in seeds:
+        return _reject(pb.NOT_ASSIGNED, f"member {result.member} is not in iteration {result.iteration}")
+    if result.member not in assigned:
+        return _reject(pb.NOT_ASSIGNED, f"member {result.member} is not assigned to this worker")
+    if result.seed != seeds[result.member]:
+        return _reject(pb.WRONG_SEED, f"seed {result.seed} is not member {result.member}'s seed {seeds[result.member]}")
+    if not math.isfinite(result.reward):
+        return _reject(pb.NON_FINITE_REWARD, f"reward {result.reward} is not finite; report a failed evaluation as the task's lowest reward")
+    low, high = context.reward_range
+    if not low <= result.reward <= high:
+        return _reject(pb.REWARD_OUT_OF_RANGE, f"reward {result.reward} is outside the task's range [{low}, {high}]")
+    if result.member in settled:
+        return _reject(pb.SETTLED, f"member {result.member} already has its replicas; no need to send it")
+    return _signature_problem(parsed) or Checked(pb.ACCEPTED, "accepted", parsed)
+
+
+def check_retention(context: Context, data: bytes, requested: bool, held: bytes | None) -> Checked[RetentionReport]:
+    """One submitted SignedRetention; `requested`: this worker was asked to measure retention."""
+    parsed = _opened(RetentionReport, context, data)
+    if isinstance(parsed, Checked):
+        return parsed
+    report = parsed.record
+    problem = _iteration_problem(context, report.iteration, report.head_hash)
+    if problem:
+        return problem
+    if held is not None:
+        return Checked(pb.DUPLICATE, "already accepted", parsed) if held == data else _reject(
+            pb.CONFLICTING_RESULT, "a different retention report was accepted from this worker"
+        )
+    if not requested:
+        return _reject(pb.RETENTION_NOT_REQUESTED, "this worker was not asked to measure retention this iteration")
+    if len(report.figures) > MAX_FIGURES:
+        return _reject(pb.MALFORMED, f"{len(report.figures)} figures, more than {MAX_FIGURES}")
+    bad = next((name for name, value in report.figures if not math.isfinite(value)), None)
+    if bad is not None:
+        return _reject(pb.NON_FINITE_REWARD, f"figure {bad!r} is not finite")
+    return _signature_problem(parsed) or Checked(pb.ACCEPTED, "accepted", parsed)
+
+
+def check_attestation(context: Context, data: bytes, held: bytes | None) -> Checked[Attestation]:
+    """One SignedAttestation of a closed iteration's state; `held`: the one accepted for that iteration."""
+    parsed = _opened(Attestation, context, data)
+    if isinstance(parsed, Checked):
+        return parsed
+    attestation = parsed.record
+    if attestation.iteration > context.last_closed:
+        return _reject(pb.ITERATION_NOT_OPEN, f"iteration {attestation.iteration} is not closed yet; attest after applying it")
+    if len(attestation.state_hash) != entries.HASH_BYTES:
+        return _reject(pb.MALFORMED, f"state_hash must be {entries.HASH_BYTES} bytes")
+    if held is not None:
+        return Checked(pb.DUPLICATE, "already recorded", parsed) if held == data else _reject(
+            pb.CONFLICTING_RESULT, f"this worker already attested iteration {attestation.iteration} differently"
+        )
+    return _signature_problem(parsed) or Checked(pb.ACCEPTED, "accepted", parsed)

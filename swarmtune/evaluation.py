@@ -1,0 +1,342 @@
+"""HF evaluation backend: one reward per ES member, by materialised or low-rank batched greedy decoding."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from swarmtune.fixedpoint import derive
+from swarmtune.noise import (
+    GOLDEN_GAMMA,
+    MIX_MUL_1,
+    MIX_MUL_2,
+    ROLE_LOWRANK_A,
+    ROLE_LOWRANK_B,
+    NoiseConfig,
+    stream_key,
+)
+from swarmtune.seeds import MemberNoise
+from swarmtune.shaping import COEFFICIENT_BITS, sigma_integer
+from swarmtune.state import MasterState, TensorSpec, write_weights
+from swarmtune.tasks.base import Example, RewardFn, columns_of
+from swarmtune.update import LOWRANK_SCALE_BITS, lowrank_scale, perturbation
+
+
+@dataclass(frozen=True)
+class PromptBatch:
+    """Left-padded token ids of a prompt batch and their attention mask (rows × length)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+
+    @property
+    def rows(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def repeat(self, times: int) -> PromptBatch:
+        """The batch `times` over, member-major: row m·P + p is prompt p of member m."""
+        return PromptBatch(self.input_ids.repeat(times, 1), self.attention_mask.repeat(times, 1))
+
+
+@dataclass(frozen=True)
+class LowRankDelta:
+    """One Linear's population perturbation: rows of member i get (x·B_i)·A_iᵀ added to the output.
+
+    b_t is B transposed (members, r, in); a_t is A transposed (members, r, out) with sign·σ_eff
+    folded in; both in the model's dtype.
+    """
+
+    module: str
+    b_t: torch.Tensor
+    a_t: torch.Tensor
+
+    def members(self, start: int, stop: int) -> LowRankDelta:
+        return LowRankDelta(self.module, self.b_t[start:stop], self.a_t[start:stop])
+
+
+def encode_prompts(tokenizer: Any, prompts: Sequence[str], device: torch.device | str) -> PromptBatch:
+    """Tokenize once, left padded so every row's next token is at the last position."""
+    encoded = tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="left")
+    return PromptBatch(encoded["input_ids"].to(device), encoded["attention_mask"].to(device))
+
+
+def stop_token_ids(model: nn.Module, tokenizer: Any) -> tuple[int, ...]:
+    """EOS ids from the generation config (an int or a list), else the tokenizer's."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if configured is None:
+        configured = tokenizer.eos_token_id
+    if configured is None:
+        return ()
+    return tuple(configured) if isinstance(configured, (list, tuple)) else (int(configured),)
+
+
+def greedy_tokens(
+    model: nn.Module, batch: PromptBatch, max_new_tokens: int, stop_ids: Sequence[int], pad_id: int
+) -> torch.Tensor:
+    """Greedy continuations (rows × steps) using the model's KV cache; a row is padded after its EOS.
+
+    A lean loop rather than `generate`: HF's per-step bookkeeping dominates for small models.
+    """
+    rows = batch.rows
+    device = batch.input_ids.device
+    mask = batch.attention_mask
+    # Left padding: positions count real tokens only, as HF generate computes them.
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    stops = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
+    finished = torch.zeros(rows, dtype=torch.bool, device=device)
+    steps: list[torch.Tensor] = []
+    with torch.inference_mode():
+        output = model(
+            input_ids=batch.input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        positions = positions[:, -1:]
+        for step in range(max_new_tokens):
+            token = output.logits[:, -1].argmax(-1).masked_fill_(finished, pad_id)
+            steps.append(token)
+            finished |= torch.isin(token, stops)
+            if step + 1 == max_new_tokens or bool(finished.all()):
+                break
+            mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
+            positions = positions + 1
+            output = model(
+                input_ids=token[:, None],
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=output.past_key_values,
+                use_cache=True,
+            )
+    return torch.stack(steps, dim=1) if steps else batch.input_ids.new_empty(rows, 0)
+
+
+def decode_completions(tokenizer: Any, tokens: torch.Tensor, stop_ids: Sequence[int]) -> list[str]:
+    """Completion texts: each row cut before its first EOS, special tokens skipped (as TRL decodes)."""
+    texts = []
+    for row in tokens.tolist():
+        end = next((i for i, token in enumerate(row) if token in stop_ids), len(row))
+        texts.append(tokenizer.decode(row[:end], skip_special_tokens=True))
+    return texts
+
+
+def mean_reward(
+    reward_fn: RewardFn, prompts: list[str], completions: list[str], columns: dict[str, list[Any]]
+) -> float:
+    """Mean of a TRL-style reward over one member's prompt batch (math.fsum: order-exact sum)."""
+    values = reward_fn(prompts, completions, **columns)
+    if len(values) != len(completions):
+        raise ValueError(f"reward function returned {len(values)} values for {len(completions)} completions")
+    return math.fsum(float(value) for value in values) / len(values)
+
+
+def perturbed_weight(
+    spec: TensorSpec,
+    index: int,
+    q: torch.Tensor,
+    member: MemberNoise,
+    sigma_int: int,
+    noise: NoiseConfig,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """derive(Q + integer perturbation): a member's weights come from the master, never a float add."""
+    delta = perturbation(spec, index, member, sigma_int, noise, q.device)
+    return derive(q + delta, spec.exponent, dtype)
+
+
+def lowrank_sigma(sigma_int: int, rank: int) -> float:
+    """σ_eff with ΔW = σ_eff·A·Bᵀ: the integer σ and 1/√r scale of the materialised perturbation."""
+    return sigma_int * lowrank_scale(rank) * 2.0 ** -(COEFFICIENT_BITS + LOWRANK_SCALE_BITS)
+
+
+def _shift_right_logical(x: torch.Tensor, bits: int) -> torch.Tensor:
+    # torch's >> on int64 is arithmetic; masking the smeared sign bits makes it logical.
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def rademacher_rows(keys: Sequence[int], numel: int, device: torch.device | str) -> torch.Tensor:
+    """noise.rademacher for many stream keys in one pass (keys × numel, int8): the same bits.
+
+    Element j of a row is 1 - 2·(bit j mod 64 of splitmix64 block j // 64); batching the keys
+    replaces thousands of tiny per-factor calls (a population × every matrix) by one per matrix.
+    """
+    blocks = torch.arange(1, (numel + 63) // 64 + 1, dtype=torch.int64, device=device) * GOLDEN_GAMMA
+    z = blocks.unsqueeze(0) + torch.tensor(list(keys), dtype=torch.int64, device=device).unsqueeze(1)
+    z = (z ^ _shift_right_logical(z, 30)) * MIX_MUL_1
+    z = (z ^ _shift_right_logical(z, 27)) * MIX_MUL_2
+    z = z ^ _shift_right_logical(z, 31)
+    bits = (z.unsqueeze(-1) >> torch.arange(64, device=device)) & 1
+    return (1 - 2 * bits.view(len(keys), -1)[:, :numel]).to(torch.int8)
+
+
+def population_factors(
+    seeds: Sequence[int], tensor_index: int, out_features: int, in_features: int, rank: int, device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """noise.lowrank_factors of one matrix for many seeds: A (seeds × out × r), B (seeds × in × r)."""
+    keys_a = [stream_key(seed, tensor_index, ROLE_LOWRANK_A) for seed in seeds]
+    keys_b = [stream_key(seed, tensor_index, ROLE_LOWRANK_B) for seed in seeds]
+    a = rademacher_rows(keys_a, out_features * rank, device).view(len(seeds), out_features, rank)
+    b = rademacher_rows(keys_b, in_features * rank, device).view(len(seeds), in_features, rank)
+    return a, b
+
+
+def lowrank_deltas(
+    state: MasterState,
+    members: Sequence[MemberNoise],
+    sigma_int: int,
+    noise: NoiseConfig,
+    dtype: torch.dtype,
+    device: torch.device | str,
+) -> list[LowRankDelta]:
+    """The factor stacks of every low-rank tensor for a population (antithetic pairs share a draw)."""
+    seeds = list(dict.fromkeys(m.seed for m in members))
+    draw = torch.tensor([seeds.index(m.seed) for m in members], device=device)
+    signs = torch.tensor([m.sign for m in members], dtype=torch.float64, device=device)
+    scales = (signs * lowrank_sigma(sigma_int, noise.rank)).view(-1, 1, 1)
+    deltas = []
+    for index, spec in enumerate(state.specs):
+        if spec.treatment != "lowrank":
+            continue
+        a, b = population_factors(seeds, index, spec.shape[0], spec.shape[1], noise.rank, device)
+        a_t = (a[draw].transpose(1, 2).to(torch.float64) * scales).to(dtype)
+        b_t = b[draw].transpose(1, 2).to(dtype).contiguous()
+        deltas.append(LowRankDelta(spec.name.removesuffix(".weight"), b_t, a_t))
+    return deltas
+
+
+def _add_lowrank(delta: LowRankDelta) -> Callable[[nn.Module, tuple[Any, ...], torch.Tensor], torch.Tensor]:
+    def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+        members = delta.b_t.shape[0]
+        x = args[0].reshape(members, -1, args[0].shape[-1])
+        # Bᵀ·xᵀ (wide r × rows result) runs several times faster than x·B (a width-r GEMM) on CPU.
+        projected = torch.bmm(delta.b_t, x.transpose(1, 2)).transpose(1, 2)
+        grouped = output.view(members, -1, output.shape[-1])
+        return grouped.baddbmm_(projected, delta.a_t).view(output.shape)
+
+    return hook
+
+
+@contextlib.contextmanager
+def lowrank_hooks(model: nn.Module, deltas: Sequence[LowRankDelta]) -> Iterator[None]:
+    """Forward hooks adding each member's low-rank term to its rows, removed on exit."""
+    handles = [model.get_submodule(d.module).register_forward_hook(_add_lowrank(d)) for d in deltas]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def uses_lowrank_batching(state: MasterState) -> bool:
+    """True when every perturbed tensor is low-rank, so no member needs materialised weights."""
+    treatments = {spec.treatment for spec in state.specs} - {"frozen"}
+    return treatments == {"lowrank"}
+
+
+class HFEvaluator:
+    """Evaluates ES members on a Hugging Face causal LM whose weights are derived from a master state.
+
+    Call set_center after the master state changes (for example after an update was applied).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        state: MasterState,
+        noise: NoiseConfig,
+        sigma: float,
+        device: torch.device | str,
+        max_rows: int | None = None,
+    ) -> None:
+        if max_rows is not None and max_rows < 1:
+            raise ValueError(f"max_rows must be at least 1, got {max_rows}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.noise = noise
+        self.sigma_int = sigma_integer(sigma)
+        self.device = torch.device(device)
+        self.max_rows = max_rows
+        self.stop_ids = stop_token_ids(model, tokenizer)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
+        self.set_center(state)
+
+    def set_center(self, state: MasterState) -> None:
+        """Write the derived weights of `state` and cache them, so restoring is an exact copy."""
+        self.state = state.to(self.device)
+        write_weights(self.model, self.state)
+        self.trainable = tuple(
+            (index, spec, self.model.get_parameter(spec.name))
+            for index, spec in enumerate(self.state.specs)
+            if spec.treatment != "frozen"
+        )
+        self.center = tuple(param.detach().clone() for _, _, param in self.trainable)
+
+    def generate(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
+        """Greedy completions of the center model (completion text only)."""
+        return self._completions(encode_prompts(self.tokenizer, prompts, self.device), max_new_tokens)
+
+    def evaluate(
+        self,
+        members: Sequence[MemberNoise],
+        examples: Sequence[Example],
+        reward_fn: RewardFn,
+        max_new_tokens: int,
+        materialised: bool = False,
+    ) -> list[float]:
+        """One reward per member: the mean of reward_fn over the prompt batch under its perturbation."""
+        if not examples:
+            raise ValueError("evaluate needs at least one example")
+        if not members:
+            return []
+        prompts = [example.prompt for example in examples]
+        columns = columns_of(examples)
+        batch = encode_prompts(self.tokenizer, prompts, self.device)
+        if materialised or not uses_lowrank_batching(self.state):
+            completions = [self._member_completions(member, batch, max_new_tokens) for member in members]
+        else:
+            completions = self._batched_completions(members, batch, max_new_tokens)
+        return [mean_reward(reward_fn, prompts, texts, columns) for texts in completions]
+
+    def _completions(self, batch: PromptBatch, max_new_tokens: int) -> list[str]:
+        tokens = greedy_tokens(self.model, batch, max_new_tokens, self.stop_ids, self.pad_id)
+        return decode_completions(self.tokenizer, tokens, self.stop_ids)
+
+    def _member_completions(self, member: MemberNoise, batch: PromptBatch, max_new_tokens: int) -> list[str]:
+        with self._perturbed(member):
+            return self._completions(batch, max_new_tokens)
+
+    @contextlib.contextmanager
+    def _perturbed(self, member: MemberNoise) -> Iterator[None]:
+        """The member's derived weights in the model; the cached center copied back on exit."""
+        try:
+            with torch.no_grad():
+                for index, spec, param in self.trainable:
+                    q = self.state.q[index]
+                    weight = perturbed_weight(spec, index, q, member, self.sigma_int, self.noise, param.dtype)
+                    param.copy_(weight.view(param.shape))
+            yield
+        finally:
+            with torch.no_grad():
+                for (_, _, param), center in zip(self.trainable, self.center):
+                    param.copy_(center)
+
+    def _batched_completions(
+        self, members: Sequence[MemberNoise], batch: PromptBatch, max_new_tokens: int
+    ) -> list[list[str]]:
+        """All members in one greedy generation (chunked by whole members when max_rows is set)."""
+        dtype = self.trainable[0][2].dtype
+        deltas = lowrank_deltas(self.state, members, self.sigma_int, self.noise, dtype, self.device)
+        per_chunk = max(1, self.max_rows // batch.rows) if self.max_rows else len(members)
+        texts: list[str] = []
+        for start in range(0, len(members), per_chunk):
+            stop = min(start + per_chunk, len(members))
+            with lowrank_hooks(self.model, [d.members(start, stop) for d in deltas]):
+                texts += self._completions(batch.repeat(stop - start), max_new_tokens)
+        return [texts[i : i + batch.rows] for i in range(0, len(texts), batch.rows)]

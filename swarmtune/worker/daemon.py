@@ -1,0 +1,424 @@
+"""The worker daemon: catch up, join, follow announcements, evaluate, submit, attest; until the job ends."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Coroutine, TypeAlias, TypeVar
+
+import grpc
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from swarmtune import entries, identity, ledger
+from swarmtune.entries import Attestation, Iteration, Revocation, Signed, StoredEntry
+from swarmtune.fixedpoint import FixedPointOverflow
+from swarmtune.jobspec import JobSpecError
+from swarmtune.models import ModelResolutionError
+from swarmtune.replay import ReplayError
+from swarmtune.tasks.base import TaskLoadError
+from swarmtune.wire import service_pb2 as pb
+from swarmtune.worker.backend import BackendFactory
+from swarmtune.worker.backoff import Backoff
+from swarmtune.worker.catchup import catch_up
+from swarmtune.worker.config import WorkerConfig
+from swarmtune.worker.logs import EventLog
+from swarmtune.worker.measure import center_retention, evaluation_batch, member_rewards, sign_results, sign_retention
+from swarmtune.worker.session import Connection, Joined, SessionLost, describe, open_channel, retried
+from swarmtune.worker.site import LoadedModel, Site, load_base_model, open_site
+from swarmtune.worker.work import IterationWork, opened_from
+
+T = TypeVar("T")
+
+# Join refusals no retry can fix: a revoked or unknown key, another job.
+REFUSALS = frozenset({grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.FAILED_PRECONDITION})
+
+SUBMIT_ATTEMPTS = 8
+SUBMIT_BATCH = 1024  # results per SubmitResults call
+# Leaving (SIGTERM or the job's end): the member in progress may finish; the coordinator may be
+# gone already, so the last submissions are tried briefly.
+DRAIN_MEMBER_TIMEOUT_S = 30.0
+DRAIN_ATTEMPTS = 2
+DRAIN_SEND_TIMEOUT_S = 3.0
+
+
+class Disconnected(Exception):
+    """The stream to the coordinator ended, or we fell out of step with it: reconnect and resume."""
+
+
+class WorkerFailure(Exception):
+    """The worker cannot go on (wrong model, a ledger that does not verify, another job); says what to do."""
+
+
+@dataclass(frozen=True)
+class Stop:
+    """SIGTERM/SIGINT arrived: finish the current member, submit, leave."""
+
+
+@dataclass(frozen=True)
+class Crashed:
+    """A helper task of the connection failed; the main loop re-raises its error."""
+
+    error: BaseException
+
+
+Event: TypeAlias = "pb.Announcement | Stop | Crashed | Disconnected"
+
+
+class Daemon:
+    """One worker process: its key, its copy of the job, and the open iteration it works on."""
+
+    def __init__(self, config: WorkerConfig, key: Ed25519PrivateKey, make_backend: BackendFactory, log: EventLog) -> None:
+        self.config = config
+        self.key = key
+        self.public_key = identity.public_key_bytes(key)
+        self.operator = config.operator or identity.fingerprint(self.public_key)
+        self.make_backend = make_backend
+        self.log = log
+        self.rng = random.Random()
+        self.backoff = Backoff()
+        # One thread owns the model and the replica: applying and evaluating never overlap.
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="swarmtune-compute")
+        self.stop = asyncio.Event()
+        self.wake = asyncio.Event()  # new members to evaluate
+        self.outgoing = asyncio.Event()  # new results or attestations to send
+        self.sending = asyncio.Lock()  # one flush at a time: each sends the outbox's oldest items first
+        self.site: Site | None = None
+        self.loaded: LoadedModel | None = None
+        self.work: IterationWork | None = None
+        self.attestations: list[Signed[Attestation]] = []
+        self.failures = 0
+        self.evaluator: asyncio.Task[None] | None = None
+        self.fatal: BaseException | None = None  # an evaluation error: stops the worker
+
+    async def compute(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    # ---- lifetime ------------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        """Serve until the job finishes (exit 0) or SIGTERM (exit 0); reconnect after any disconnect."""
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.stop.set)
+        self.evaluator = asyncio.create_task(self.evaluate_forever())
+        try:
+            if self.config.model:
+                # Loading takes a while: do it before the job needs it, not while an iteration waits.
+                self.loaded = await self.compute(load_base_model, self.config.model, self.config.device)
+            self.log("ready", model=self.config.model or "from the job spec", device=self.config.device)
+            while not self.stop.is_set():
+                if await self.connect_once():
+                    break
+                delay = self.backoff.delay(self.failures, self.rng)
+                self.failures += 1
+                self.log("reconnecting", in_s=round(delay, 3), attempt=self.failures)
+                await self.pause(delay)
+        finally:
+            self.evaluator.cancel()
+            await asyncio.gather(self.evaluator, return_exceptions=True)
+            self.pool.shutdown(wait=False, cancel_futures=True)
+        if self.fatal is not None:
+            raise WorkerFailure(f"evaluation failed ({describe(self.fatal)}); fix the task or backend and restart the worker")
+        return 0
+
+    async def pause(self, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self.stop.wait(), seconds)
+        except asyncio.TimeoutError:
+            pass
+
+    async def connect_once(self) -> bool:
+        """One connection's life; True once there is nothing left to do (job finished or stopped)."""
+        connection = Connection(open_channel(self.config.coordinator, self.config.tls_ca))
+        try:
+            await self.catch_up(connection)
+            if self.stop.is_set():
+                return True
+            joined = await self.join(connection)
+            site = self.require_site()
+            if joined.genesis_hash != site.job.genesis_hash:
+                raise WorkerFailure(
+                    f"the coordinator at {self.config.coordinator} now serves another job (genesis "
+                    f"{joined.genesis_hash.hex()[:16]}, ours {site.job.genesis_hash.hex()[:16]}); start a new worker for it"
+                )
+            self.failures = 0
+            self.log("joined", job=joined.job_id, worker=identity.fingerprint(self.public_key), head_index=joined.head_index)
+            return await self.follow(connection, joined)
+        except (grpc.aio.AioRpcError, SessionLost, Disconnected) as exc:
+            self.log("disconnected", reason=describe(exc))
+            return False
+        except (ledger.LedgerError, entries.EntryError) as exc:
+            raise WorkerFailure(
+                f"the coordinator sent a ledger entry that does not verify ({exc}); this worker stops rather than "
+                "apply it: tell the coordinator's operator"
+            ) from None
+        except (ReplayError, FixedPointOverflow, ModelResolutionError, TaskLoadError, JobSpecError) as exc:
+            raise WorkerFailure(str(exc)) from None
+        finally:
+            await connection.close()
+
+    async def join(self, connection: Connection) -> Joined:
+        try:
+            return await connection.join(self.key, self.config.capacity, self.operator)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in REFUSALS:
+                raise WorkerFailure(f"the coordinator refuses this worker ({describe(exc)})") from None
+            raise
+
+    def note(self, entry: StoredEntry) -> None:
+        """Account for an applied entry: a closed iteration ends its work; our own revocation ends us."""
+        body = entry.entry.body
+        if isinstance(body, Revocation) and body.worker_key == self.public_key:
+            raise WorkerFailure(
+                f"this worker's key {identity.fingerprint(self.public_key)} was revoked in entry {entry.entry.index}: "
+                f"{body.reason}; check the machine and its backend before joining with a new key"
+            )
+        if isinstance(body, Iteration) and self.work is not None and self.work.iteration <= body.iteration:
+            left = len(self.work.pending())
+            if left:
+                self.log("released", iteration=self.work.iteration, members=left)
+            self.work = None
+
+    def require_site(self) -> Site:
+        if self.site is None:
+            raise Disconnected("the coordinator's ledger has no genesis yet")
+        return self.site
+
+    # ---- catching up ---------------------------------------------------------------------------
+
+    async def catch_up(self, connection: Connection) -> None:
+        """Fetch, verify and apply every entry we do not hold yet (from genesis on the first connect)."""
+        next_index = self.site.next_index if self.site else 0
+        try:
+            caught = await catch_up(connection.fetch(next_index), self.site, self.compute, self.open_genesis, self.note, self.stop.is_set)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.OUT_OF_RANGE:
+                raise WorkerFailure(
+                    f"the coordinator's ledger ends before entry {next_index}, which this worker holds: it lost "
+                    "entries (restored from an old copy?); audit the ledger before anyone goes on"
+                ) from None
+            raise
+        if caught is None:
+            return
+        self.site = caught.site
+        self.log(
+            "caught_up",
+            iteration=caught.site.replica.iteration,
+            next_index=caught.site.next_index,
+            iterations_applied=caught.iterations_applied,
+            seconds=round(caught.seconds, 3),
+        )
+
+    def open_genesis(self, stored: bytes) -> Site:
+        """The site of the job whose genesis this is (on the compute thread: it loads the model)."""
+        site = open_site(stored, self.config, self.make_backend, self.loaded)
+        self.loaded = None  # the site owns the model now
+        self.log("genesis", job=site.job.spec.job_id, state_hash=site.replica.state_hash().hex())
+        return site
+
+    # ---- following the coordinator -------------------------------------------------------------
+
+    async def follow(self, connection: Connection, joined: Joined) -> bool:
+        """Handle announcements in order until the job finishes (True) or SIGTERM (True)."""
+        events: asyncio.Queue[Event] = asyncio.Queue()
+        call = connection.subscribe(joined, self.require_site().next_index)
+        helpers = [
+            asyncio.create_task(self.pump(call, events)),
+            asyncio.create_task(self.relay_stop(events)),
+            asyncio.create_task(self.guard(self.submit_forever(connection, joined), events)),
+        ]
+        try:
+            while True:
+                event = await events.get()
+                if isinstance(event, Stop):
+                    self.log("stopping", reason="signal")
+                    await self.drain(connection, joined)
+                    return True
+                if isinstance(event, (Crashed, Disconnected)):
+                    raise event.error if isinstance(event, Crashed) else event
+                if await self.dispatch(event):
+                    await self.drain(connection, joined)
+                    return True
+        finally:
+            call.cancel()
+            for helper in helpers:
+                helper.cancel()
+            await asyncio.gather(*helpers, return_exceptions=True)
+
+    async def pump(self, call: grpc.aio.UnaryStreamCall, events: asyncio.Queue[Event]) -> None:
+        try:
+            async for message in call:
+                events.put_nowait(message)
+            events.put_nowait(Disconnected("the coordinator ended the announcement stream"))
+        except grpc.aio.AioRpcError as exc:
+            events.put_nowait(Disconnected(describe(exc)))
+
+    async def relay_stop(self, events: asyncio.Queue[Event]) -> None:
+        await self.stop.wait()
+        events.put_nowait(Stop())
+
+    async def guard(self, task: Coroutine[Any, Any, None], events: asyncio.Queue[Event]) -> None:
+        try:
+            await task
+        except Exception as exc:  # any failure ends this connection; the main loop decides what it means
+            events.put_nowait(Crashed(exc))
+
+    async def dispatch(self, announcement: pb.Announcement) -> bool:
+        """Act on one announcement; True when the job has finished."""
+        kind = announcement.WhichOneof("kind")
+        if kind == "entry":
+            await self.on_entry(announcement.entry)
+        elif kind == "opened":
+            self.on_opened(announcement.opened)
+        elif kind == "reassigned":
+            self.on_reassigned(announcement.reassigned)
+        elif kind == "finished":
+            finished = announcement.finished
+            self.log("finished", last_iteration=finished.last_iteration, reason=finished.reason)
+            return True
+        return False
+
+    async def on_entry(self, item: pb.LedgerEntry) -> None:
+        """Verify the entry against our chain head and apply it exactly; attest when the job asks."""
+        site = self.require_site()
+        started = time.perf_counter()
+        entry = await self.compute(site.advance, item.stored)
+        self.note(entry)
+        body = entry.entry.body
+        if not isinstance(body, Iteration):
+            return
+        self.log("applied", iteration=body.iteration, index=entry.entry.index, seconds=round(time.perf_counter() - started, 4))
+        if site.job.spec.attestation_due(body.iteration):
+            state_hash = await self.compute(site.replica.state_hash)
+            record = Attestation(site.job.spec.job_id, body.iteration, state_hash, self.public_key)
+            self.attestations.append(entries.sign_record(self.key, record))
+            self.log("attesting", iteration=body.iteration, state_hash=state_hash.hex())
+            self.outgoing.set()
+
+    def on_opened(self, message: pb.IterationOpened) -> None:
+        site = self.require_site()
+        opened = opened_from(message)
+        if opened.iteration != site.chain.last_iteration + 1 or opened.head_hash not in site.chain.open_heads:
+            raise Disconnected(
+                f"iteration {opened.iteration} was opened on a ledger head we do not hold (we are at iteration "
+                f"{site.chain.last_iteration}, entry {site.next_index - 1}); resynchronising"
+            )
+        if opened.measure_retention and site.job.retention is None:
+            self.log("retention_skipped", iteration=opened.iteration, reason="the job names no retention task")
+            opened = replace(opened, measure_retention=False)
+        if self.work is None or self.work.iteration != opened.iteration:
+            self.work = IterationWork(opened)
+        self.work.assign(message.assigned)
+        self.log("opened", iteration=opened.iteration, assigned=len(self.work.assigned), retention=opened.measure_retention)
+        self.wake.set()
+        self.outgoing.set()
+
+    def on_reassigned(self, message: pb.Reassignment) -> None:
+        if self.work is None or self.work.iteration != message.iteration:
+            return
+        self.work.add(message.added)
+        self.log("reassigned", iteration=message.iteration, added=len(message.added))
+        self.wake.set()
+        self.outgoing.set()
+
+    # ---- evaluating ----------------------------------------------------------------------------
+
+    async def evaluate_forever(self) -> None:
+        """Evaluate the open iteration's members as they are assigned; survives reconnects."""
+        while not self.stop.is_set():
+            work = self.work
+            if work is None or not (work.retention_due() or work.pending()):
+                self.wake.clear()
+                await self.wake.wait()
+                continue
+            try:
+                await self.evaluate_step(work)
+            except Exception as exc:  # a reward function or backend error: no result can be signed
+                self.fatal = exc
+                self.stop.set()
+                raise
+
+    async def evaluate_step(self, work: IterationWork) -> None:
+        site = self.require_site()
+        spec = site.job.spec
+        started = time.perf_counter()
+        if work.retention_due():
+            figures = await self.compute(center_retention, site, work.iteration)
+            if figures is None:
+                self.drop_stale(work)
+                return
+            work.record_retention(sign_retention(self.key, spec, work.iteration, work.opened.head_hash, figures))
+            self.log("retention", iteration=work.iteration, figures=dict(figures), seconds=round(time.perf_counter() - started, 4))
+        else:
+            members = evaluation_batch(work.pending(), spec.noise_family == "lowrank")
+            rewards = await self.compute(member_rewards, site, work.iteration, members)
+            if rewards is None:
+                self.drop_stale(work)
+                return
+            work.record(sign_results(self.key, spec, work.iteration, work.opened.head_hash, members, rewards))
+            self.log(
+                "evaluated",
+                iteration=work.iteration,
+                members=[m.member for m in members],
+                rewards=rewards,
+                seconds=round(time.perf_counter() - started, 4),
+            )
+        self.outgoing.set()
+
+    def drop_stale(self, work: IterationWork) -> None:
+        """The replica moved past `work`'s center (its iteration closed): nothing of it is measurable now."""
+        if self.work is work:
+            self.work = None
+
+    # ---- submitting ----------------------------------------------------------------------------
+
+    async def submit_forever(self, connection: Connection, joined: Joined) -> None:
+        while True:
+            await self.outgoing.wait()
+            self.outgoing.clear()
+            await self.flush(connection, joined)
+
+    async def flush(self, connection: Connection, joined: Joined, attempts: int = SUBMIT_ATTEMPTS) -> None:
+        """Send every result, retention report and attestation the coordinator has not taken yet."""
+        async with self.sending:
+            await self.send_outbox(connection, joined, attempts)
+
+    async def send_outbox(self, connection: Connection, joined: Joined, attempts: int) -> None:
+        work = self.work
+        if work is not None:
+            members, results, retention = work.outbox()
+            # Batches of SUBMIT_BATCH: a big low-rank population stays under the coordinator's per-call limit.
+            for start in range(0, max(len(results), len(retention)), SUBMIT_BATCH):
+                batch, sent = results[start : start + SUBMIT_BATCH], retention if start == 0 else []
+                reply = await retried(lambda: connection.submit(joined, batch, sent), self.backoff, self.rng, attempts)
+                for member, status in work.settle(members[start : start + SUBMIT_BATCH], reply, bool(sent)):
+                    what = "retention report" if member < 0 else f"member {member}"
+                    self.log("rejected", iteration=work.iteration, item=what, reason=pb.Reason.Name(status.reason), detail=status.detail)
+                self.log("submitted", iteration=work.iteration, results=len(batch), retention=len(sent))
+        while self.attestations:
+            signed = self.attestations[0]
+            body = entries.encode_signed(signed)
+            reply = await retried(lambda: connection.attest(joined, body), self.backoff, self.rng, attempts)
+            self.attestations.pop(0)
+            self.log("attested", iteration=signed.record.iteration, status=pb.Reason.Name(reply.status.reason))
+
+    async def drain(self, connection: Connection, joined: Joined) -> None:
+        """Before leaving: let the member in progress finish, then send what is still unsent (bounded)."""
+        self.stop.set()
+        self.wake.set()
+        if self.evaluator is not None:
+            await asyncio.wait({self.evaluator}, timeout=DRAIN_MEMBER_TIMEOUT_S)
+        try:
+            await asyncio.wait_for(self.flush(connection, joined, DRAIN_ATTEMPTS), DRAIN_SEND_TIMEOUT_S)
+        except (asyncio.TimeoutError, grpc.aio.AioRpcError, SessionLost) as exc:
+            self.log("unsent_at_exit", reason=describe(exc))
+
+
+def serve(config: WorkerConfig, make_backend: BackendFactory) -> int:
+    """Run a worker until its job finishes or it is told to stop; the exit status."""
+    key = identity.load_private_key(config.key_path)
+    return asyncio.run(Daemon(config, key, make_backend, EventLog(config.log_json)).run())

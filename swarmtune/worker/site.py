@@ -1,0 +1,88 @@
+"""A worker's verified copy of its job: chain state, exact replica, and the backend's center model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, cast
+
+from swarmtune import ledger
+from swarmtune.entries import Genesis, Iteration, StoredEntry
+from swarmtune.jobspec import JobSpec
+from swarmtune.models import load_model, resolve_model
+from swarmtune.replay import Replica, genesis_spec, replica_from_genesis
+from swarmtune.tasks.base import Task
+from swarmtune.tasks.registry import load_task
+from swarmtune.worker.backend import Backend, BackendFactory
+from swarmtune.worker.config import WorkerConfig
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A base model and its tokenizer, loaded before the job is known (with `--model`)."""
+
+    model: Any
+    tokenizer: Any
+
+
+@dataclass(frozen=True)
+class Job:
+    """What a worker derives once from genesis: the spec, its tasks, and the genesis it joined."""
+
+    spec: JobSpec
+    genesis_hash: bytes
+    task: Task
+    retention: Task | None
+
+
+class Site:
+    """Advances entry by entry: every entry verified against the chain before an iteration is applied."""
+
+    def __init__(self, job: Job, chain: ledger.ChainState, replica: Replica, backend: Backend) -> None:
+        self.job = job
+        self.chain = chain
+        self.replica = replica
+        self._backend = backend
+        self._center_iteration = 0  # the backend was built on the base state
+
+    @property
+    def next_index(self) -> int:
+        return self.chain.next_index
+
+    def accept(self, stored: bytes) -> StoredEntry:
+        """Verify the next entry (seal, chain, signatures, bindings); apply it if it closes an iteration."""
+        chain, entry = ledger.advance(self.chain, stored)
+        if isinstance(entry.entry.body, Iteration):
+            self.replica.apply(entry.entry.body)
+        self.chain = chain
+        return entry
+
+    def advance(self, stored: bytes) -> StoredEntry:
+        """`accept` a live entry and derive the new center at once: the next iteration evaluates on it."""
+        entry = self.accept(stored)
+        self.backend()
+        return entry
+
+    def backend(self) -> Backend:
+        """The backend with the replica's current state as its center (derived lazily: once per catch-up)."""
+        if self._center_iteration != self.replica.iteration:
+            self._backend.set_center(self.replica.state)
+            self._center_iteration = self.replica.iteration
+        return self._backend
+
+
+def load_base_model(model: str, device: str) -> LoadedModel:
+    return LoadedModel(*load_model(resolve_model(model), device=device))
+
+
+def open_site(stored_genesis: bytes, config: WorkerConfig, make_backend: BackendFactory, loaded: LoadedModel | None) -> Site:
+    """Verify genesis, load the base model (unless `loaded` already holds `config.model`), check its
+    state hash against genesis, load the tasks."""
+    chain, entry = ledger.start(stored_genesis)
+    genesis = cast(Genesis, entry.entry.body)  # ledger.start only accepts a genesis
+    spec = genesis_spec(genesis)
+    base = loaded or load_base_model(spec.model, config.device)
+    replica = replica_from_genesis(base.model, genesis, config.device)
+    task = load_task(spec.task, tokenizer=base.tokenizer, **spec.task_options)
+    retention = load_task(spec.retention_task, tokenizer=base.tokenizer, **spec.retention_options) if spec.retention_task else None
+    job = Job(spec, entry.hash, task, retention)
+    return Site(job, chain, replica, make_backend(base.model, base.tokenizer, replica.base, spec, config.device))

@@ -1,0 +1,21 @@
+"""Session fixtures for tests that need real model directories (enable with `pytest_plugins`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from swarmtune.models import build_random_model, resolve_model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-weight tiny Llama with the character tokenizer, for the real from_pretrained path."""
+    return build_random_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def builtin_tiny_dir() -> Path:
+    """The pretrained builtin:tiny from the swarmtune cache (built there once, about a minute)."""
+    return resolve_model("builtin:tiny")

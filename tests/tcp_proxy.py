@@ -1,0 +1,89 @@
+"""A loopback TCP proxy for fault tests: cuts every connection on demand, holds new ones behind a gate."""
+
+from __future__ import annotations
+
+import select
+import socket
+import threading
+
+CHUNK = 65536
+
+
+class TcpProxy:
+    """Forwards 127.0.0.1:port to an upstream port; `cut()` drops every current connection at once.
+
+    With `gated=True`, accepted connections wait until `open_gate()` before reaching the upstream:
+    clients that connect at different times all get through at the same moment.
+    """
+
+    def __init__(self, upstream_port: int, gated: bool = False) -> None:
+        self.upstream_port = upstream_port
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._listener.getsockname()[1]
+        self._lock = threading.Lock()
+        self._pairs: list[tuple[socket.socket, socket.socket]] = []
+        self._gate = threading.Event()
+        if not gated:
+            self._gate.set()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def open_gate(self) -> None:
+        self._gate.set()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        self._gate.wait()
+        try:
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+        except OSError:
+            client.close()  # upstream down: the client sees its connection end and retries
+            return
+        with self._lock:
+            self._pairs.append((client, upstream))
+        self._pump(client, upstream)
+
+    def _pump(self, a: socket.socket, b: socket.socket) -> None:
+        peers = {a: b, b: a}
+        try:
+            while True:
+                readable, _, _ = select.select(list(peers), [], [], 0.5)
+                for sock in readable:
+                    data = sock.recv(CHUNK)
+                    if not data:
+                        return
+                    peers[sock].sendall(data)
+        except (OSError, ValueError):
+            return  # cut: the sockets were closed under us
+        finally:
+            self._drop(a, b)
+
+    def _drop(self, a: socket.socket, b: socket.socket) -> None:
+        with self._lock:
+            if (a, b) in self._pairs:
+                self._pairs.remove((a, b))
+        for sock in (a, b):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+
+    def cut(self) -> int:
+        """Drop every open connection (both ends see the TCP connection end); returns how many."""
+        with self._lock:
+            pairs = list(self._pairs)
+        for a, b in pairs:
+            self._drop(a, b)
+        return len(pairs)
+
+    def close(self) -> None:
+        self._listener.close()
+        self._gate.set()
+        self.cut()

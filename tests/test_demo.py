@@ -1,0 +1,144 @@
+"""`swarmtune demo`: a short run end to end, Ctrl-C stopping every process with the ledger intact, the job file."""
+
+from __future__ import annotations
+
+import io
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from swarmtune import ledger, ledgerfile
+from swarmtune.cli.demo_follow import Checkpoint
+from swarmtune.cli.demo_job import DemoJob
+from swarmtune.cli.demo_progress import Display, progress_line
+from swarmtune.client.status import IterationSummary, JobStatus
+from swarmtune.embedded_redis import open_store
+from swarmtune.jobspec import load_job_spec, parse_job_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+# Small enough to finish in seconds on a loaded 2-core machine, large enough to be a real job.
+SMALL = ["--population", "8", "--prompts", "16", "--measure-every", "1"]
+SUMMARY_KEYS = {
+    "task_accuracy_before", "task_accuracy_after", "retention_before", "retention_after", "audit_ok",
+    "wall_seconds", "iterations", "final_state_hash", "workers", "curve",
+}  # fmt: skip
+RUN_TIMEOUT_S = 240.0
+STOP_TIMEOUT_S = 90.0
+
+
+def demo(workdir: Path, *args: str) -> subprocess.Popen[str]:
+    command = [sys.executable, "-m", "swarmtune", "demo", "--workdir", str(workdir), *SMALL, *args]
+    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def descendants(root: int) -> set[int]:
+    """Every live process below `root`, from /proc (children, grandchildren...)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue  # it ended meanwhile
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier = set(), {root}
+    while frontier:
+        frontier = {pid for pid, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Running (not gone, not a zombie waiting to be reaped)."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_for_iterations(workdir: Path, process: subprocess.Popen[str], count: int) -> None:
+    """Until the coordinator has closed `count` iterations (its JSON log says so)."""
+    log = workdir / "coordinator.log"
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while time.monotonic() < deadline and process.poll() is None:
+        text = log.read_text(errors="replace") if log.exists() else ""
+        if text.count('"event": "iteration closed"') >= count:
+            return
+        time.sleep(0.2)
+    process.kill()
+    pytest.fail(f"the demo closed fewer than {count} iterations (exit {process.poll()}):\n{process.communicate()[1][-3000:]}")
+
+
+def test_default_job_is_the_example_file() -> None:
+    text = (ROOT / "examples" / "demo.toml").read_text()
+    assert DemoJob().toml() == text
+    assert load_job_spec(ROOT / "examples" / "demo.toml").retention_task == "demo-reverse"
+
+
+def test_flags_change_the_job() -> None:
+    spec = parse_job_spec(DemoJob(iterations=7, population=12, prompts=5, anchored_decay=0.001, retention_every=2).toml().encode())
+    assert (spec.iterations, spec.population, spec.prompts_per_iteration) == (7, 12, 5)
+    assert (spec.anchored_decay, spec.retention_every) == (0.001, 2)
+
+
+def test_short_demo_completes_and_audits(tmp_path: Path) -> None:
+    summary_file = tmp_path / "summary.json"
+    process = demo(tmp_path / "work", "--iterations", "3", "--summary", str(summary_file), "--json")
+    out, err = process.communicate(timeout=RUN_TIMEOUT_S)
+    assert process.returncode == 0, err[-3000:]
+    summary = json.loads(summary_file.read_text())
+    assert json.loads(out) == summary
+    assert SUMMARY_KEYS <= set(summary)
+    assert summary["audit_ok"] is True and summary["audit_problem"] is None
+    assert (summary["iterations"], summary["workers"]) == (3, 2)
+    assert [point["iteration"] for point in summary["curve"]] == [0, 1, 2, 3]
+    assert 0.0 <= summary["task_accuracy_after"] <= 1.0 and 0.0 <= summary["retention_after"] <= 1.0
+    assert Path(summary["plot"]).read_bytes().startswith(b"\x89PNG")
+    assert ledger.verify_chain(ledgerfile.read(Path(summary["ledger"]))).problem is None
+
+
+def test_ctrl_c_stops_every_process_and_keeps_the_ledger(tmp_path: Path) -> None:
+    workdir = tmp_path / "work"
+    process = demo(workdir, "--iterations", "1000")
+    wait_for_iterations(workdir, process, 2)
+    children = descendants(process.pid)
+    assert len(children) >= 4, "a coordinator, its Redis and two workers"
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=STOP_TIMEOUT_S)
+    assert process.returncode == 130, err[-3000:]
+    assert "the ledger" in err and "--workdir" in err
+    assert not [pid for pid in children if alive(pid)]
+    with open_store(None, workdir / "redis") as store:
+        stored = list(store.read("demo"))
+    report = ledger.verify_chain(stored)
+    assert report.problem is None and report.kinds.get("iteration", 0) >= 2
+
+
+def _status(closed: int) -> JobStatus:
+    summary = IterationSummary(closed, 8, 8, 0.5, 0.25, 0.75, None, {"demo-reverse": 0.99}, (), 0.4, 0.1, 0.5)
+    return JobStatus(
+        source="coordinator", job_id="demo", state="running", iteration=closed + 1, iterations_total=10, closed=closed,
+        population=8, settled=0, head_index=closed, head_hash=b"", recent=(summary,), workers=(), rejects={}, alerts=(),
+    )
+
+
+def test_progress_line_shows_every_figure() -> None:
+    line = progress_line(_status(5), Checkpoint(5, 0.524, 0.99), 61.0)
+    assert line.startswith("it  5/10 [##########..........]")
+    for part in ("reward 0.500 (max 0.750)", "held-out 52.4% @5", "retention demo-reverse 99.0%", "2.00 it/s", "1:01"):
+        assert part in line
+
+
+def test_display_without_a_terminal_prints_lines_sparingly() -> None:
+    stream = io.StringIO()
+    display = Display(stream)
+    display.show("first")
+    display.show("skipped")
+    display.show("last", final=True)
+    assert stream.getvalue().splitlines() == ["first", "last"]
+

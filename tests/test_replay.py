@@ -1,0 +1,140 @@
+"""Replay from ledger entries: the base state is checked against genesis, iterations apply exactly, in order."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from swarmtune import entries, identity, ledger, ledgerfile, shaping, state
+from swarmtune.entries import Iteration, WorkerResult
+from swarmtune.models import build_tokenizer
+from swarmtune.noise import NoiseConfig
+from swarmtune.replay import ReplayError, base_state, genesis_plan, replay, replica_from_genesis, verified_entries
+from swarmtune.seeds import population
+from swarmtune.update import IterationUpdate, apply_iteration_, decay_integer
+from tests.cli_runner import run_cli
+from tests.model_factory import tiny_llama
+
+SPEC = b"""
+[job]
+id = "replay-test"
+seed = 11
+model = "unused"
+iterations = 3
+
+[task]
+name = "countdown"
+
+[es]
+population = 4
+anchored_decay = 0.01
+
+[noise]
+family = "lowrank"
+lowrank_others = "dense"
+"""
+NOISE = NoiseConfig(family="lowrank", rank=1)
+
+
+def build_ledger(model: torch.nn.Module, iterations: int = 3) -> list[bytes]:
+    """A real signed ledger: genesis of `model` under the spec's plan, then iterations with signed rewards."""
+    coordinator, worker = identity.generate_key(), identity.generate_key()
+    base = state.master_from_model(model, state.build_plan(model, "lowrank", "dense"))
+    genesis = entries.new_genesis(
+        SPEC,
+        state.state_hash(base),
+        identity.public_key_bytes(coordinator),
+        protocol_version="swarmtune/1",
+        noise_version="n",
+        shaping_version="s",
+        tensor_plan=genesis_plan(base),
+        admitted_workers=(identity.public_key_bytes(worker),),
+    )
+    stored = [entries.seal(coordinator, entries.first_entry("replay-test", genesis, 0))]
+    for t in range(1, iterations + 1):
+        head = entries.parse_entry(stored[-1])
+        members = population(11, t, 4, antithetic=False)
+        rewards = tuple(float((t * 3 + m.member) % 4) for m in members)
+        results = tuple(
+            entries.sign_record(worker, WorkerResult("replay-test", t, m.member, m.seed, head.hash, r, identity.public_key_bytes(worker)))
+            for m, r in zip(members, rewards)
+        )
+        coefficients = tuple(shaping.coefficients(rewards, "zscore", 5e-4))
+        body = Iteration(t, head.hash, members, results, coefficients, rewards, "zscore")
+        stored.append(entries.seal(coordinator, entries.next_entry(head, body, t)))
+    return stored
+
+
+def direct_hashes(model: torch.nn.Module, stored: list[bytes]) -> list[bytes]:
+    """The same updates applied without replay.py: the hash after each iteration."""
+    base = state.master_from_model(model, state.build_plan(model, "lowrank", "dense"))
+    current, hashes = base.clone(), []
+    for data in stored[1:]:
+        body = entries.parse_entry(data).entry.body
+        assert isinstance(body, Iteration)
+        apply_iteration_(current, IterationUpdate(body.members, body.coefficients), NOISE, base, decay_integer(0.01))
+        hashes.append(state.state_hash(current))
+    return hashes
+
+
+def test_replay_equals_the_direct_updates_and_stops_where_asked() -> None:
+    model = tiny_llama(hidden=16)
+    stored = build_ledger(model)
+    expected = direct_hashes(model, stored)
+    verified = list(verified_entries(stored))
+    seen: list[tuple[int, bytes]] = []
+    result = replay(model, verified, on_iteration=lambda replica, target: seen.append((replica.iteration, replica.state_hash())))
+    assert result.iteration == 3 and result.state_hash == expected[-1] and result.entries == 4
+    assert seen == [(1, expected[0]), (2, expected[1]), (3, expected[2])]
+    partial = replay(model, verified, until=2)
+    assert partial.state_hash == expected[1] and partial.head_hash == verified[2].hash
+    assert replay(model, verified, until=0).state_hash == state.state_hash(partial.replica.base)
+    with pytest.raises(ReplayError, match="beyond the ledger's last iteration 3"):
+        replay(model, verified, until=4)
+
+
+def test_iterations_apply_only_in_ledger_order() -> None:
+    model = tiny_llama(hidden=16)
+    verified = list(verified_entries(build_ledger(model)))
+    replica = replica_from_genesis(model, verified[0].entry.body)  # type: ignore[arg-type]
+    with pytest.raises(ReplayError, match="cannot follow iteration 0"):
+        replica.apply(verified[2].entry.body)  # type: ignore[arg-type]
+
+
+def test_another_base_model_is_refused_with_what_differs() -> None:
+    stored = build_ledger(tiny_llama(hidden=16), iterations=0)
+    genesis = entries.parse_entry(stored[0]).entry.body
+    assert isinstance(genesis, entries.Genesis)
+    with pytest.raises(ReplayError, match="hashes to .* genesis records"):
+        base_state(tiny_llama(seed=1, hidden=16), genesis)
+    with pytest.raises(ReplayError, match="not the job's base model"):
+        base_state(tiny_llama(hidden=32), genesis)
+
+
+def test_a_tampered_ledger_is_refused_before_replay() -> None:
+    stored = build_ledger(tiny_llama(hidden=16))
+    with pytest.raises(ledger.LedgerError, match="an entry is missing"):
+        list(verified_entries([stored[0], stored[2]]))
+
+
+def test_replay_command_prints_the_hash_after_every_iteration(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = tiny_llama(hidden=16, tie=False)
+    model.save_pretrained(tmp_path / "model")
+    build_tokenizer(tmp_path / "model")  # a model directory as workers load it
+    stored = build_ledger(model)
+    ledgerfile.write(tmp_path / "ledger.bin", stored)
+    expected = direct_hashes(model, stored)
+    code = run_cli(monkeypatch, "replay", "--ledger", str(tmp_path / "ledger.bin"), "--model", str(tmp_path / "model"), "--each", "--json")
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert code == 0
+    assert [line["state_hash"] for line in lines[:-1]] == [h.hex() for h in expected]
+    assert lines[-1]["iteration"] == 3 and lines[-1]["state_hash"] == expected[-1].hex()
+    assert run_cli(monkeypatch, "replay", "--ledger", str(tmp_path / "ledger.bin"), "--model", str(tmp_path / "model"), "--until", "1") == 0
+    assert capsys.readouterr().out.strip() == expected[0].hex()
+    assert run_cli(monkeypatch, "replay", "--ledger", str(tmp_path / "missing.bin"), "--model", str(tmp_path / "model")) == 2
+    assert "export the ledger again" in capsys.readouterr().err
