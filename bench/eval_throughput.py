@@ -10,7 +10,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
 import transformers
@@ -21,6 +21,8 @@ from swarmtune.noise import NoiseConfig
 from swarmtune.seeds import MemberNoise, population
 from swarmtune.state import MasterState, build_plan, master_from_model, write_weights
 from swarmtune.tasks.base import Example, columns_of
+from swarmtune.tasks.demo import addition_reward, addition_task
+from swarmtune.tinymodel import TinyRecipe
 
 POPULATION = 30
 SIGMA = 1e-3  # the paper's σ
@@ -44,54 +46,40 @@ class ModelCase:
     rounds: int
 
 
+TINY = TinyRecipe()  # builtin:tiny, the demo's model: its shape matters here, not its training
 CASES = (
-    # The demo scale (~0.5M parameters, as in the demo prototype); the headline ratios come from it.
-    ModelCase("demo", hidden=128, layers=3, heads=4, intermediate=256, prompts=8, new_tokens=32, rounds=3),
-    # build_random_model's default: the smallest model, where per-token overheads weigh most.
-    ModelCase("tiny", hidden=64, layers=2, heads=4, intermediate=128, prompts=8, new_tokens=32, rounds=3),
-    # Fewer prompts and tokens keep the larger model's dense and reference passes inside the time budget.
-    ModelCase("large", hidden=512, layers=6, heads=8, intermediate=1536, prompts=4, new_tokens=16, rounds=1),
+    # The demo job's own workload (examples/demo.toml: 128 prompts, 8 new tokens): the headline ratios.
+    ModelCase("demo", TINY.hidden, TINY.layers, TINY.heads, TINY.intermediate, prompts=128, new_tokens=8, rounds=3),
+    # The same model with the job spec's default prompt batch, where batching members gains more.
+    ModelCase("demo-p32", TINY.hidden, TINY.layers, TINY.heads, TINY.intermediate, prompts=32, new_tokens=8, rounds=3),
+    # ~20M parameters; fewer prompts keep its dense and reference passes inside the time budget.
+    ModelCase("large", hidden=512, layers=6, heads=8, intermediate=1536, prompts=8, new_tokens=16, rounds=2),
 )
 
 
 @dataclass(frozen=True)
 class Workload:
-    """What every method evaluates: the same members, prompt batch, reward and token budget."""
+    """What every method evaluates: the same members, prompt batch and token budget (demo-add rewards)."""
 
     members: tuple[MemberNoise, ...]
     examples: tuple[Example, ...]
     new_tokens: int
 
 
-def countdown_examples(count: int) -> tuple[Example, ...]:
-    """Short Countdown-style prompts with their targets as the reward column."""
-    rows = [(3 + i % 5, 7 + i % 3, 11 + i, 20 + 3 * i) for i in range(count)]
-    return tuple(
-        Example(f"Using {a}, {b} and {c}, make {target}. Answer:", {"target": target}) for a, b, c, target in rows
-    )
-
-
-def target_reward(prompts: list[str], completions: list[str], target: list[int]) -> list[float]:
-    """1 if the completion contains the target, else the fraction of its characters that are digits."""
-    return [
-        1.0 if str(t) in c else sum(ch.isdigit() for ch in c) / max(1, len(c)) for c, t in zip(completions, target)
-    ]
-
-
-def member_rewards(tokenizer: Any, tokens: torch.Tensor, workload: Workload, stop_ids: Sequence[int]) -> list[float]:
-    """Per-member mean rewards of member-major generated rows."""
+def member_rewards(tokenizer: Any, tokens: torch.Tensor, workload: Workload) -> list[float]:
+    """Per-member mean rewards of member-major generated rows (no EOS: see measure)."""
     prompts = [example.prompt for example in workload.examples]
     columns = columns_of(workload.examples)
-    texts = decode_completions(tokenizer, tokens, stop_ids)
+    texts = decode_completions(tokenizer, tokens, ())
     size = len(prompts)
-    return [mean_reward(target_reward, prompts, texts[i : i + size], columns) for i in range(0, len(texts), size)]
+    return [mean_reward(addition_reward, prompts, texts[i : i + size], columns) for i in range(0, len(texts), size)]
 
 
 def run_inference(model: Any, tokenizer: Any, workload: Workload) -> list[float]:
     """The limit: plain batched greedy inference of N×P rows at the center, same loop and rewards."""
     batch = encode_prompts(tokenizer, [e.prompt for e in workload.examples], "cpu").repeat(len(workload.members))
     tokens = greedy_tokens(model, batch, workload.new_tokens, (), tokenizer.pad_token_id)
-    return member_rewards(tokenizer, tokens, workload, ())
+    return member_rewards(tokenizer, tokens, workload)
 
 
 def qiu_perturb(model: Any, seed: int, alpha: float) -> None:
@@ -109,7 +97,7 @@ def run_reference(model: Any, tokenizer: Any, workload: Workload) -> list[float]
     for member in workload.members:
         qiu_perturb(model, member.seed, SIGMA)
         tokens = greedy_tokens(model, batch, workload.new_tokens, (), tokenizer.pad_token_id)
-        rewards += member_rewards(tokenizer, tokens, workload, ())
+        rewards += member_rewards(tokenizer, tokens, workload)
         qiu_perturb(model, member.seed, -SIGMA)
     return rewards
 
@@ -129,23 +117,30 @@ def timed(run: Callable[[], list[float]]) -> float:
     return elapsed
 
 
-def measure(case: ModelCase, directory: Path) -> dict[str, Any]:
-    """Member-evaluations per second of each method on one model, methods interleaved round by round."""
-    model, tokenizer = load_model(build_random_model(directory / case.name, hidden=case.hidden, layers=case.layers,
-                                                     heads=case.heads, intermediate=case.intermediate))
+def build(case: ModelCase, directory: Path) -> tuple[Any, Any]:
+    path = build_random_model(
+        directory / case.name, hidden=case.hidden, layers=case.layers, heads=case.heads, intermediate=case.intermediate
+    )
+    model, tokenizer = load_model(path)
     # No EOS: every row decodes exactly new_tokens, so all four methods do the same work.
     model.generation_config.eos_token_id = []
-    workload = Workload(population(JOB_SEED, 0, POPULATION, antithetic=False), countdown_examples(case.prompts),
-                        case.new_tokens)
+    return model, tokenizer
+
+
+def measure(case: ModelCase, directory: Path) -> dict[str, Any]:
+    """Member-evaluations per second of each method on one model, methods interleaved round by round."""
+    model, tokenizer = build(case, directory)
+    examples = tuple(addition_task().train()[: case.prompts])
+    workload = Workload(population(JOB_SEED, 0, POPULATION, antithetic=False), examples, case.new_tokens)
     lowrank, center = evaluator(model, tokenizer, "lowrank")
     dense, _ = evaluator(model, tokenizer, "dense")
     runs: dict[str, Callable[[], list[float]]] = {
         "inference": lambda: run_inference(model, tokenizer, workload),
-        "lowrank": lambda: lowrank.evaluate(workload.members, workload.examples, target_reward, case.new_tokens),
-        "dense": lambda: dense.evaluate(workload.members, workload.examples, target_reward, case.new_tokens),
+        "lowrank": lambda: lowrank.evaluate(workload.members, examples, addition_reward, case.new_tokens),
+        "dense": lambda: dense.evaluate(workload.members, examples, addition_reward, case.new_tokens),
         "reference": lambda: run_reference(model, tokenizer, workload),
     }
-    run_inference(model, tokenizer, Workload(workload.members[:1], workload.examples, 2))  # warm-up
+    run_inference(model, tokenizer, Workload(workload.members[:1], examples, 2))  # warm-up
     seconds: dict[str, list[float]] = {method: [] for method in METHODS}
     for _ in range(case.rounds):
         for method in METHODS:
@@ -167,7 +162,8 @@ def measure(case: ModelCase, directory: Path) -> dict[str, Any]:
 
 
 def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+    cpuinfo = Path("/proc/cpuinfo")
+    for line in cpuinfo.read_text().splitlines() if cpuinfo.exists() else []:
         if line.startswith("model name"):
             return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
@@ -186,13 +182,13 @@ def machine() -> dict[str, Any]:
 
 
 def table(results: dict[str, dict[str, Any]]) -> str:
-    header = f"{'model':6} {'params':>10} {'P':>3} {'tok':>4} " + " ".join(f"{m:>10}" for m in METHODS)
+    header = f"{'model':9} {'params':>10} {'P':>4} {'tok':>4} " + " ".join(f"{m:>10}" for m in METHODS)
     header += f" {'lr/inf':>7} {'lr/ref':>7} {'den/ref':>7}"
     lines = [f"member-evaluations per second, N={POPULATION}", header]
     for name, r in results.items():
         rates = " ".join(f"{r['member_evals_per_s'][m]:>10.2f}" for m in METHODS)
         lines.append(
-            f"{name:6} {r['parameters']:>10,} {r['prompts']:>3} {r['new_tokens']:>4} {rates} "
+            f"{name:9} {r['parameters']:>10,} {r['prompts']:>4} {r['new_tokens']:>4} {rates} "
             f"{r['lowrank_vs_inference']:>7.2f} {r['lowrank_vs_reference']:>7.2f} {r['dense_vs_reference']:>7.2f}"
         )
     return "\n".join(lines)

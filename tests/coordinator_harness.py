@@ -56,6 +56,7 @@ population = {population}
 
 [schedule]
 deadline_seconds = {deadline}
+attest_every = 0
 {schedule}
 {extra}
 """.encode()

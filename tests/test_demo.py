@@ -1,4 +1,4 @@
-"""`swarmtune demo`: a short run end to end, Ctrl-C stopping every process with the ledger intact, the job file."""
+"""`swarmtune demo`: Ctrl-C stops every process and keeps the ledger; a rerun resumes and audits; the job file."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable, Iterator
 
 import pytest
 
@@ -21,8 +22,9 @@ from swarmtune.embedded_redis import open_store
 from swarmtune.jobspec import load_job_spec, parse_job_spec
 
 ROOT = Path(__file__).resolve().parents[1]
-# Small enough to finish in seconds on a loaded 2-core machine, large enough to be a real job.
-SMALL = ["--population", "8", "--prompts", "16", "--measure-every", "1"]
+ITERATIONS = 20
+# Small enough to finish in seconds on a loaded 2-core machine, long enough to be interrupted mid-way.
+SMALL = ["--iterations", str(ITERATIONS), "--population", "8", "--prompts", "16", "--measure-every", "5"]
 SUMMARY_KEYS = {
     "task_accuracy_before", "task_accuracy_after", "retention_before", "retention_after", "audit_ok",
     "wall_seconds", "iterations", "final_state_hash", "workers", "curve",
@@ -31,9 +33,29 @@ RUN_TIMEOUT_S = 240.0
 STOP_TIMEOUT_S = 90.0
 
 
-def demo(workdir: Path, *args: str) -> subprocess.Popen[str]:
-    command = [sys.executable, "-m", "swarmtune", "demo", "--workdir", str(workdir), *SMALL, *args]
-    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+Launch = Callable[..., "subprocess.Popen[str]"]
+
+
+@pytest.fixture
+def demo() -> Iterator[Launch]:
+    """Starts `swarmtune demo --workdir DIR` with the small settings; a demo a failed test left running is
+    interrupted (so it stops its own children) and then killed."""
+    started: list[subprocess.Popen[str]] = []
+
+    def launch(workdir: Path, *args: str) -> subprocess.Popen[str]:
+        command = [sys.executable, "-m", "swarmtune", "demo", "--workdir", str(workdir), *SMALL, *args]
+        started.append(subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        return started[-1]
+
+    yield launch
+    for process in started:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+            try:
+                process.communicate(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.communicate()
 
 
 def descendants(root: int) -> set[int]:
@@ -86,37 +108,34 @@ def test_flags_change_the_job() -> None:
     assert (spec.anchored_decay, spec.retention_every) == (0.001, 2)
 
 
-def test_short_demo_completes_and_audits(tmp_path: Path) -> None:
-    summary_file = tmp_path / "summary.json"
-    process = demo(tmp_path / "work", "--iterations", "3", "--summary", str(summary_file), "--json")
+@pytest.mark.slow
+def test_ctrl_c_stops_every_process_and_a_rerun_resumes(tmp_path: Path, demo: Launch) -> None:
+    workdir, summary_file = tmp_path / "work", tmp_path / "summary.json"
+    process = demo(workdir)
+    wait_for_iterations(workdir, process, 1)
+    children = descendants(process.pid)
+    assert len(children) >= 4, "a coordinator, its Redis and two workers"
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=STOP_TIMEOUT_S)
+    assert process.returncode == 130, err[-3000:]
+    assert "the ledger" in err and f"--workdir {workdir}" in err
+    assert not [pid for pid in children if alive(pid)]
+    with open_store(None, workdir / "redis") as store:
+        report = ledger.verify_chain(list(store.read("demo")))
+    assert report.problem is None and 1 <= report.kinds.get("iteration", 0) < ITERATIONS
+
+    process = demo(workdir, "--summary", str(summary_file), "--json")
     out, err = process.communicate(timeout=RUN_TIMEOUT_S)
     assert process.returncode == 0, err[-3000:]
     summary = json.loads(summary_file.read_text())
     assert json.loads(out) == summary
     assert SUMMARY_KEYS <= set(summary)
     assert summary["audit_ok"] is True and summary["audit_problem"] is None
-    assert (summary["iterations"], summary["workers"]) == (3, 2)
-    assert [point["iteration"] for point in summary["curve"]] == [0, 1, 2, 3]
+    assert (summary["iterations"], summary["workers"]) == (ITERATIONS, 2)
+    assert [point["iteration"] for point in summary["curve"]] == [0, 5, 10, 15, 20]
     assert 0.0 <= summary["task_accuracy_after"] <= 1.0 and 0.0 <= summary["retention_after"] <= 1.0
     assert Path(summary["plot"]).read_bytes().startswith(b"\x89PNG")
     assert ledger.verify_chain(ledgerfile.read(Path(summary["ledger"]))).problem is None
-
-
-def test_ctrl_c_stops_every_process_and_keeps_the_ledger(tmp_path: Path) -> None:
-    workdir = tmp_path / "work"
-    process = demo(workdir, "--iterations", "1000")
-    wait_for_iterations(workdir, process, 2)
-    children = descendants(process.pid)
-    assert len(children) >= 4, "a coordinator, its Redis and two workers"
-    process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=STOP_TIMEOUT_S)
-    assert process.returncode == 130, err[-3000:]
-    assert "the ledger" in err and "--workdir" in err
-    assert not [pid for pid in children if alive(pid)]
-    with open_store(None, workdir / "redis") as store:
-        stored = list(store.read("demo"))
-    report = ledger.verify_chain(stored)
-    assert report.problem is None and report.kinds.get("iteration", 0) >= 2
 
 
 def _status(closed: int) -> JobStatus:

@@ -112,20 +112,30 @@ def prepare_workdir(workdir: Path | None) -> Path:
     return workdir.resolve()
 
 
+def write_job_file(path: Path, text: str) -> None:
+    """The job spec in the work directory; one that differs means the directory holds another demo's ledger."""
+    if path.exists() and path.read_text() != text:
+        raise CommandError(
+            f"{path.parent} holds a demo run with other options (see {path}); rerun with those options to "
+            "resume it, or pass a new --workdir"
+        )
+    path.write_text(text)
+
+
 def build_model(spec: JobSpec, display: Display) -> tuple[Path, float]:
     """The base model's directory, and the seconds spent building it (builtin:tiny, first use only)."""
     from swarmtune.models import ModelResolutionError, cache_root, resolve_model
     from swarmtune.tinymodel import MANIFEST, tiny_dir
 
-    if not (tiny_dir(cache_root()) / MANIFEST).is_file():
+    building = not (tiny_dir(cache_root()) / MANIFEST).is_file()
+    if building:
         display.note("building builtin:tiny (first run only: pretraining on this CPU, about a minute) ...")
     started = time.monotonic()
     try:
         model_dir = resolve_model(spec.model)
     except ModelResolutionError as exc:
         raise CommandError(str(exc)) from None
-    spent = time.monotonic() - started
-    return model_dir, (spent if spent > 1.0 else 0.0)
+    return model_dir, (time.monotonic() - started if building else 0.0)
 
 
 def wait_ready(stub: Any, cluster: Cluster, spec: JobSpec) -> JobStatus:
@@ -190,7 +200,7 @@ def prepare(args: argparse.Namespace, display: Display, started: float) -> Prepa
     job = demo_job(args)
     spec = parse_job_spec(job.toml().encode())
     workdir = prepare_workdir(args.workdir)
-    (workdir / JOB_FILE).write_text(job.toml())
+    write_job_file(workdir / JOB_FILE, job.toml())
     model_dir, build_seconds = build_model(spec, display)
     return Prepared(spec, workdir, model_dir, ensure_key(workdir / "coordinator.key"), build_seconds, started)
 
@@ -229,10 +239,13 @@ def conclude(args: argparse.Namespace, prepared: Prepared, follower: Follower) -
     stored = read_ledger(workdir / "redis", prepared.spec.job_id)
     follower.accept_all(stored[follower.next_index :])
     follower.finish()
-    export_ledger(stored, workdir / LEDGER_FILE)
-    report = audit_ledger(stored, prepared.model_dir, prepared.coordinator_key)
     plot = args.plot or workdir / PLOT_FILE
-    save_plot(stored, follower.checkpoints, plot)
+    try:
+        export_ledger(stored, workdir / LEDGER_FILE)
+        save_plot(stored, follower.checkpoints, plot)
+    except OSError as exc:
+        raise CommandError(f"cannot write {exc.filename or plot}: {exc.strerror}; pass a writable --plot path") from None
+    report = audit_ledger(stored, prepared.model_dir, prepared.coordinator_key)
     problem = audit_problem(report, follower)
     before, after = follower.checkpoints[0], follower.latest
     return Summary(
@@ -262,13 +275,22 @@ def run(args: argparse.Namespace) -> int:
 
     from swarmtune.cli.demo_progress import Display
     from swarmtune.cli.demo_report import describe
+    from swarmtune.ledger import LedgerError
+    from swarmtune.replay import ReplayError
+    from swarmtune.store import StoreError
 
     # The demo's replica measures while the workers evaluate: it must not take their cores.
     torch.set_num_threads(1)
     hf_logging.disable_progress_bar()
     display = Display(sys.stderr)
     prepared = prepare(args, display, started)
-    summary = conclude(args, prepared, train(args, prepared, display))
+    try:
+        summary = conclude(args, prepared, train(args, prepared, display))
+    except StoreError as exc:
+        raise CommandError(str(exc)) from None
+    except (LedgerError, ReplayError) as exc:
+        # The demo's own coordinator wrote this ledger: a failure here is a bug in swarmtune.
+        raise CommandError(f"{exc}; please report this with the logs in {prepared.workdir}") from None
     if args.summary:
         try:
             args.summary.write_text(json.dumps(summary.to_json(), indent=2) + "\n")

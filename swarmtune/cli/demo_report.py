@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from swarmtune.cli.demo_follow import Checkpoint
-from swarmtune.client.audit import AuditReport
+
+if TYPE_CHECKING:
+    from swarmtune.client.audit import AuditReport
 
 ACCURACY_LABEL = "center model, held-out exact match (demo's replica)"
 
@@ -34,7 +36,7 @@ class Summary:
     plot: str
 
     def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "curve": [asdict(point) for point in self.curve]}
+        return asdict(self)
 
 
 def read_ledger(data_dir: Path, job_id: str) -> list[bytes]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -36,7 +35,7 @@ class History:
     operators: dict[bytes, str] = field(default_factory=dict)  # from admission entries
     strikes: Counter[bytes] = field(default_factory=Counter)  # disagreements with a standing majority
     baselines: dict[str, float] = field(default_factory=dict)  # first value of each retention figure
-    attested: dict[tuple[bytes, int], bytes] = field(default_factory=dict)  # (key, iteration) -> signed bytes
+    attested: dict[bytes, dict[int, bytes]] = field(default_factory=dict)  # key -> iteration -> signed bytes
     figures: deque[IterationFigures] = field(default_factory=lambda: deque(maxlen=RECENT_ITERATIONS))
 
     def note(self, stored: StoredEntry) -> None:
@@ -55,7 +54,7 @@ class History:
             self.revoked.add(body.worker_key)
         elif isinstance(body, Signed):
             record = body.record
-            self.attested[(record.worker_key, record.iteration)] = entries.encode_signed(body)
+            self.attested.setdefault(record.worker_key, {})[record.iteration] = entries.encode_signed(body)
 
 
 def recover(stored_entries: Iterable[bytes], coordinator_key: bytes, tolerance: float) -> History:
@@ -84,35 +83,39 @@ def now_ms() -> int:
 
 
 class Chain:
-    """Appends entries in order, each sealed by the coordinator key and compare-and-appended."""
+    """Appends entries in order, each sealed by the coordinator key and compare-and-appended.
+
+    An append is one synchronous step, on purpose: it takes milliseconds and happens a few times per
+    iteration, and without an await inside, two appends can never interleave and a cancelled caller
+    (a worker hanging up on Join or Attest) can never leave an entry stored but our head behind.
+    Waiting in a thread instead would queue the close behind every pending broadcast write.
+    """
 
     def __init__(self, store: LedgerStore, key: Ed25519PrivateKey, history: History) -> None:
         self._store = store
         self._key = key
-        self._lock = asyncio.Lock()
         self.history = history
 
     @property
     def head(self) -> StoredEntry:
         return self.history.head
 
-    async def append(self, body: entries.Body) -> StoredEntry:
+    def append(self, body: entries.Body) -> StoredEntry:
         """Seal `body` after the head and append it; an iteration entry also drops the open state."""
-        async with self._lock:
-            entry = entries.next_entry(self.head, body, now_ms())
-            stored = entries.seal(self._key, entry)
-            result = await asyncio.to_thread(self._store.append, stored, close_open=isinstance(body, Iteration))
-            if not result.ok:
-                raise ChainConflict(
-                    f"appending entry {entry.index} of job {entry.job_id!r} found {result.status.value}: the ledger "
-                    "moved under this coordinator (another coordinator of the job, or an append whose reply was "
-                    "lost); make sure only one coordinator runs the job, then restart it: it resumes from the ledger"
-                )
-            # We built `entry` ourselves: only the envelope needs reading back, not every result in it.
-            envelope = ledger_pb2.SignedEntry.FromString(stored)
-            appended = StoredEntry(entry, envelope.entry, envelope.signature, stored, entries.entry_hash(stored))
-            self.history.note(appended)
-            return appended
+        entry = entries.next_entry(self.head, body, now_ms())
+        stored = entries.seal(self._key, entry)
+        result = self._store.append(stored, close_open=isinstance(body, Iteration))
+        if not result.ok:
+            raise ChainConflict(
+                f"appending entry {entry.index} of job {entry.job_id!r} found {result.status.value}: the ledger "
+                "moved under this coordinator (another coordinator of the job, or an append whose reply was "
+                "lost); make sure only one coordinator runs the job, then restart it: it resumes from the ledger"
+            )
+        # We built `entry` ourselves: only the envelope needs reading back, not every result in it.
+        envelope = ledger_pb2.SignedEntry.FromString(stored)
+        appended = StoredEntry(entry, envelope.entry, envelope.signature, stored, entries.entry_hash(stored))
+        self.history.note(appended)
+        return appended
 
 
 def genesis_entry(key: Ed25519PrivateKey, job_id: str, genesis: Genesis) -> bytes:

@@ -97,7 +97,6 @@ class Job:
         self._workers: dict[bytes, WorkerStats] = {}
         self._round: Round | None = None
         self._recorded: dict[bytes, dict[int, bytes]] = {}  # worker -> member -> bytes in the last iteration entry
-        self._attesting: set[tuple[bytes, int]] = set()
         self._wake = asyncio.Event()
         self._paused = False
         self.finished = asyncio.Event()
@@ -185,6 +184,19 @@ class Job:
         self._broadcast.publish(End(f"job finished: {reason}"))
         self.finished.set()
         log.info("job finished", extra={"iteration": self.history.last_iteration, "reason": reason})
+
+    async def await_final_attestations(self, timeout_s: float) -> None:
+        """After the last close, give the workers of that iteration a moment to attest their final
+        state (workers attest after the last iteration); stops early once all of them have."""
+        last = self.history.last_iteration
+        if not self.spec.attestation_due(last):
+            return
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if all(last in self.history.attested.get(key, {}) for key in self._recorded):
+                return
+            await asyncio.sleep(0.1)
+        log.warning("final attestations incomplete", extra={"iteration": last, "timeout_s": timeout_s})
 
     def stop(self, reason: str) -> None:
         """End every subscription (the process is going away; workers reconnect to its successor)."""
@@ -283,16 +295,11 @@ class Job:
 
     # ---- closing --------------------------------------------------------------------------
 
-    async def _record(self, body: Body) -> StoredEntry:
-        """Append an entry and announce it. Shielded: a caller cancelled midway (a worker hanging up
-        on Join or Attest) must not leave an entry stored but unannounced, or our head behind Redis."""
-
-        async def append_and_announce() -> StoredEntry:
-            stored = await self._chain.append(body)
-            self._broadcast.publish(entry_announcement(stored))
-            return stored
-
-        return await asyncio.shield(append_and_announce())
+    def _record(self, body: Body) -> StoredEntry:
+        """Append an entry and announce it, with no await in between (see Chain)."""
+        stored = self._chain.append(body)
+        self._broadcast.publish(entry_announcement(stored))
+        return stored
 
     def _build(self, current: Round) -> Closing:
         revoked = frozenset(self.history.revoked)
@@ -309,11 +316,11 @@ class Job:
         self.history.strikes.update(strikes(closing.verdicts.values()))
         revoking = to_revoke(self.history.strikes, self.spec.revoke_after, frozenset(self.history.revoked))
         for key in revoking:
-            await self._revoke(key, self.history.strikes[key])
+            self._revoke(key, self.history.strikes[key])
         if revoking:  # their results stop counting, in this iteration too
             closing = self._build(current)
         alerts = closing.body.alerts
-        stored = await self._record(closing.body)
+        stored = self._record(closing.body)
         done = now_ms()
         figures = figures_of(
             closing.body,
@@ -354,10 +361,10 @@ class Job:
         for name, value in figures.retention:
             m.retention.labels(figure=name).set(value)
 
-    async def _revoke(self, key: bytes, count: int) -> None:
+    def _revoke(self, key: bytes, count: int) -> None:
         operator = self.history.operators.get(key) or (self._workers[key].operator if key in self._workers else "")
         reason = f"disagreed with the majority of redundant replicas {count} times (threshold {self.spec.revoke_after})"
-        await self._record(Revocation(key, reason, operator))
+        self._record(Revocation(key, reason, operator))
         self._broadcast.send(key, End("worker key revoked"))
         self._sessions.close(key)
         self.metrics.revocations.inc()
@@ -398,7 +405,7 @@ class Job:
         if key not in self.history.admitted:
             if not self._open_enrollment:
                 raise Refused("PERMISSION_DENIED", f"worker {who} is not admitted; ask the operator to --admit {key.hex()}")
-            await self._record(Admission(key, "open enrollment", operator))
+            self._record(Admission(key, "open enrollment", operator))
         session = self._sessions.open(key, operator, proof.capacity, time.monotonic())
         self._broadcast.send(key, End("the worker joined again"))
         self._workers[key] = WorkerStats(operator, proof.capacity, last_seen_ms=now_ms())
@@ -581,21 +588,15 @@ class Job:
 
     async def attest(self, request: pb.AttestRequest) -> pb.AttestReply:
         session = self._session(request.session, charge=True)
-        context = self._context(session)
-        parsed = validation.check_attestation(context, request.attestation, None)
-        slot = (session.key, parsed.signed.record.iteration) if parsed.signed else None
-        if slot is not None and (slot in self.history.attested or slot in self._attesting):
-            parsed = validation.check_attestation(context, request.attestation, self.history.attested.get(slot, b""))
-        elif parsed.reason == pb.ACCEPTED and parsed.signed is not None and slot is not None:
-            self._attesting.add(slot)
+        held = self.history.attested.get(session.key, {})
+        checked = validation.check_attestation(self._context(session), request.attestation, held)
+        if checked.reason == pb.ACCEPTED and checked.signed is not None:
             try:
-                await self._record(parsed.signed)
+                self._record(checked.signed)
             except StoreError as exc:
                 raise Refused("UNAVAILABLE", f"the ledger store failed ({exc}); retry later") from None
-            finally:
-                self._attesting.discard(slot)
-        self._count(session.key, [parsed])
-        return pb.AttestReply(status=pb.ItemStatus(reason=parsed.reason, detail=parsed.detail))
+        self._count(session.key, [checked])
+        return pb.AttestReply(status=pb.ItemStatus(reason=checked.reason, detail=checked.detail))
 
     # ---- status ---------------------------------------------------------------------------
 

@@ -33,6 +33,7 @@ MAX_SEND_BYTES = 128 * 1024 * 1024
 # One subscription per worker plus its unary calls; beyond this, calls queue instead of piling up.
 MAX_CONCURRENT_RPCS = 20_000
 SHUTDOWN_GRACE_S = 5.0
+FINAL_ATTESTATION_S = 15.0  # workers apply the last entry, then attest it
 
 
 class ServerError(Exception):
@@ -131,13 +132,13 @@ def _bind(server: grpc.aio.Server, options: ServerOptions) -> int:
         raise ServerError(f"cannot listen on {options.listen} ({exc}); is another process using the port?") from None
 
 
-async def _admit(chain: Chain, keys: tuple[bytes, ...]) -> None:
+def _admit(chain: Chain, keys: tuple[bytes, ...]) -> None:
     """Admission entries for --admit keys the ledger does not admit yet (revoked keys stay revoked)."""
     for key in keys:
         if key in chain.history.revoked:
             log.warning("not admitting a revoked key", extra={"worker": identity.fingerprint(key)})
         elif key not in chain.history.admitted:
-            await chain.append(Admission(key, "admitted by the operator (--admit)", ""))
+            chain.append(Admission(key, "admitted by the operator (--admit)", ""))
 
 
 @dataclass(frozen=True)
@@ -154,7 +155,7 @@ async def start(
 ) -> Running:
     """Admit --admit keys and start serving gRPC; `job.start()` then resumes or opens an iteration."""
     chain = Chain(store, key, history)
-    await _admit(chain, options.admit)
+    _admit(chain, options.admit)
     metrics = Metrics()
     job = Job(spec, store, key, chain, reward_range, options.open_enrollment, options.limits, metrics)
     server = grpc.aio.server(options=grpc_options(), maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS)
@@ -183,6 +184,7 @@ async def serve(
         await asyncio.wait({runner, stopping}, return_when=asyncio.FIRST_COMPLETED)
         if runner.done():
             runner.result()  # a failed run (e.g. another coordinator appended) ends here with its error
+            await running.job.await_final_attestations(FINAL_ATTESTATION_S)
             if options.serve_after and not stop.is_set():
                 log.info("job finished; serving the ledger and status until stopped (--serve-after)")
                 await stop.wait()

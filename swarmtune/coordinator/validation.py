@@ -159,8 +159,8 @@ def check_retention(context: Context, data: bytes, requested: bool, held: bytes 
     return _signature_problem(parsed) or Checked(pb.ACCEPTED, "accepted", parsed)
 
 
-def check_attestation(context: Context, data: bytes, held: bytes | None) -> Checked[Attestation]:
-    """One SignedAttestation of a closed iteration's state; `held`: the one accepted for that iteration."""
+def check_attestation(context: Context, data: bytes, held: Mapping[int, bytes]) -> Checked[Attestation]:
+    """One SignedAttestation of a closed iteration's state; `held`: this worker's recorded ones by iteration."""
     parsed = _opened(Attestation, context, data)
     if isinstance(parsed, Checked):
         return parsed
@@ -169,8 +169,9 @@ def check_attestation(context: Context, data: bytes, held: bytes | None) -> Chec
         return _reject(pb.ITERATION_NOT_OPEN, f"iteration {attestation.iteration} is not closed yet; attest after applying it")
     if len(attestation.state_hash) != entries.HASH_BYTES:
         return _reject(pb.MALFORMED, f"state_hash must be {entries.HASH_BYTES} bytes")
-    if held is not None:
-        return Checked(pb.DUPLICATE, "already recorded", parsed) if held == data else _reject(
+    recorded = held.get(attestation.iteration)
+    if recorded is not None:
+        return Checked(pb.DUPLICATE, "already recorded", parsed) if recorded == data else _reject(
             pb.CONFLICTING_RESULT, f"this worker already attested iteration {attestation.iteration} differently"
         )
     return _signature_problem(parsed) or Checked(pb.ACCEPTED, "accepted", parsed)
