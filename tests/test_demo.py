@@ -103,9 +103,10 @@ def test_default_job_is_the_example_file() -> None:
 
 
 def test_flags_change_the_job() -> None:
-    spec = parse_job_spec(DemoJob(iterations=7, population=12, prompts=5, anchored_decay=0.001, retention_every=2).toml().encode())
-    assert (spec.iterations, spec.population, spec.prompts_per_iteration) == (7, 12, 5)
-    assert (spec.anchored_decay, spec.retention_every) == (0.001, 2)
+    job = DemoJob(iterations=7, population=12, prompts=5, seed=3, alpha=0.02, anchored_decay=0.001, retention_every=2)
+    spec = parse_job_spec(job.toml().encode())
+    assert (spec.iterations, spec.population, spec.prompts_per_iteration, spec.job_seed) == (7, 12, 5, 3)
+    assert (spec.alpha, spec.anchored_decay, spec.retention_every) == (0.02, 0.001, 2)
 
 
 @pytest.mark.slow

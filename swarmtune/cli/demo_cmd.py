@@ -66,6 +66,13 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _step(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = DemoJob()
     parser.add_argument(
@@ -80,6 +87,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--measure-every", type=_positive, default=defaults.retention_every, metavar="N",
         help="iterations between held-out measurements of the center model: task accuracy and retention probe (default %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--alpha", type=_step, default=defaults.alpha,
+        help="ES step size; 0.02 learns as fast but forgets the probe skill, the case --anchored-decay guards (default %(default)s)",
     )  # fmt: skip
     parser.add_argument(
         "--anchored-decay", type=_fraction, default=defaults.anchored_decay, metavar="LAMBDA",
@@ -97,6 +108,7 @@ def demo_job(args: argparse.Namespace) -> DemoJob:
         population=args.population,
         prompts=args.prompts,
         seed=args.seed,
+        alpha=args.alpha,
         anchored_decay=args.anchored_decay,
         retention_every=args.measure_every,
     )

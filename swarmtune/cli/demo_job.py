@@ -26,7 +26,7 @@ max_new_tokens = 8    # the longest answer (6 reversed letters) and its end toke
 [es]
 population = {population}
 sigma = 0.01
-alpha = 0.01
+alpha = {alpha}
 shaping = "zscore"
 antithetic = true
 anchored_decay = {anchored_decay}
@@ -57,6 +57,7 @@ class DemoJob:
     population: int = 30
     prompts: int = 128
     seed: int = 2024
+    alpha: float = 0.01
     anchored_decay: float = 0.0
     retention_every: int = 10
     job_id: str = "demo"
@@ -69,6 +70,7 @@ class DemoJob:
             iterations=self.iterations,
             prompts=self.prompts,
             population=self.population,
+            alpha=repr(self.alpha),
             anchored_decay=repr(self.anchored_decay),
             retention_every=self.retention_every,
         )
