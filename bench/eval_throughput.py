@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import statistics
 import tempfile
 import time
 from dataclasses import dataclass
@@ -155,9 +154,10 @@ def measure(case: ModelCase, directory: Path) -> dict[str, Any]:
         for method in METHODS:
             seconds[method].append(timed(runs[method]))
         write_weights(model, center)  # undo the reference's in-place drift before the next round
-    rates = {m: POPULATION / statistics.median(wall for wall, _ in seconds[m]) for m in METHODS}
+    # Best of the rounds: other processes only ever add time, so the fastest round is the least disturbed.
+    rates = {m: POPULATION / min(wall for wall, _ in seconds[m]) for m in METHODS}
     # CPU time is what a busy shared machine distorts least (with one thread it is the work done).
-    cpu_rates = {m: POPULATION / statistics.median(cpu for _, cpu in seconds[m]) for m in METHODS}
+    cpu_rates = {m: POPULATION / min(cpu for _, cpu in seconds[m]) for m in METHODS}
     return {
         "parameters": sum(p.numel() for p in model.parameters()),
         "hidden": case.hidden,
