@@ -52,7 +52,7 @@ CASES = (
     # The same model with the job spec's default prompt batch, where batching members gains more.
     ModelCase("demo-p32", TINY.hidden, TINY.layers, TINY.heads, TINY.intermediate, prompts=32, new_tokens=8, rounds=3),
     # ~20M parameters; fewer prompts keep its dense and reference passes inside the time budget.
-    ModelCase("large", hidden=512, layers=6, heads=8, intermediate=1536, prompts=8, new_tokens=16, rounds=1),
+    ModelCase("large", hidden=512, layers=6, heads=8, intermediate=1536, prompts=8, new_tokens=16, rounds=2),
 )
 
 

@@ -23,7 +23,6 @@ from tests.zygote import Zygote
 ROOT = Path(__file__).resolve().parents[1]
 TASK_FILE = Path(__file__).with_name("e2e_task.py")
 POLL_S = 0.1
-START_TIMEOUT_S = 120.0
 WAIT_S = 60.0  # for one event of a running job
 JOB_TIMEOUT_S = 150.0
 
@@ -214,20 +213,16 @@ class Cluster:
         return proxy
 
     def start(self, workers: int, liars: tuple[int, ...] = (), tls: bool = False) -> tuple[Proc, list[Proc], TcpProxy]:
-        """The coordinator and workers (through a proxy), released together once all are loaded, so every
-        worker takes part from iteration 1 however long each took to start. With `tls`, over TLS."""
+        """The coordinator and workers (through a proxy); with --min-workers every worker takes part from
+        iteration 1 however long each took to start. With `tls`, over TLS."""
         served: tuple[str, ...] = ()
         trusted: tuple[str, ...] = ()
         if tls:
             cert, key = self_signed_certificate(self.root)
             served, trusted = ("--tls-cert", str(cert), "--tls-key", str(key)), ("--tls-ca", str(cert))
-        coordinator = self.coordinator("--serve-after", *served)
-        proxy = self.proxy(gated=True)
+        coordinator = self.coordinator("--serve-after", "--min-workers", str(workers), *served)
+        proxy = self.proxy()
         started = [self.worker(i, *trusted, address=f"127.0.0.1:{proxy.port}", liar=i in liars) for i in range(workers)]
-        coordinator.wait_for("listening", START_TIMEOUT_S)
-        for worker in started:
-            worker.wait_for("ready", START_TIMEOUT_S)
-        proxy.open_gate()
         return coordinator, started, proxy
 
     def finish(self, coordinator: Proc, workers: list[Proc], timeout: float = JOB_TIMEOUT_S) -> None:

@@ -196,13 +196,18 @@ class InProcess:
 
 @asynccontextmanager
 async def in_process(
-    store: LedgerStore, spec_bytes: bytes, admitted: tuple[bytes, ...] = (), open_enrollment: bool = False, limits: Limits = Limits()
+    store: LedgerStore,
+    spec_bytes: bytes,
+    admitted: tuple[bytes, ...] = (),
+    open_enrollment: bool = False,
+    limits: Limits = Limits(),
+    min_workers: int = 1,
 ) -> AsyncIterator[InProcess]:
     spec = parse_job_spec(spec_bytes)
     key = identity.generate_key()
     write_genesis(store, spec_bytes, spec.job_id, key, admitted)
     history = open_history(store, spec, key, admitted, make_genesis=_no_model)
-    options = ServerOptions(listen="127.0.0.1:0", open_enrollment=open_enrollment, limits=limits)
+    options = ServerOptions(listen="127.0.0.1:0", open_enrollment=open_enrollment, limits=limits, min_workers=min_workers)
     running = await start(spec, store, key, history, (0.0, 1.0), options)
     async with channel(f"127.0.0.1:{running.port}") as chan:
         coordinator = InProcess(running, CoordinatorStub(chan), key)
@@ -272,10 +277,10 @@ class CoordinatorProcess:
 
 @asynccontextmanager
 async def with_workers(
-    store: LedgerStore, spec_bytes: bytes, count: int, limits: Limits = Limits(), **worker_options: Any
+    store: LedgerStore, spec_bytes: bytes, count: int, limits: Limits = Limits(), min_workers: int = 1, **worker_options: Any
 ) -> AsyncIterator[tuple[InProcess, list[SimWorker]]]:
     """An in-process coordinator and `count` admitted simulated workers (not joined yet)."""
     keys = [identity.generate_key() for _ in range(count)]
     admitted = tuple(identity.public_key_bytes(k) for k in keys)
-    async with in_process(store, spec_bytes, admitted, limits=limits) as c:
+    async with in_process(store, spec_bytes, admitted, limits=limits, min_workers=min_workers) as c:
         yield c, [SimWorker(c.stub, c.job.spec.job_id, key=k, **worker_options) for k in keys]

@@ -84,7 +84,7 @@ def run(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[Ru
     spec = spec_text(f"client-{uuid.uuid4().hex[:8]}", model_dir, iterations=ITERATIONS, retention_every=2) + NOISE
     cluster = Cluster(root=root / "cluster", redis_url=redis_url, model_dir=model_dir, spec=spec)
     try:
-        coordinator = cluster.coordinator("--serve-after")
+        coordinator = cluster.coordinator("--serve-after", "--min-workers", "2")
         workers = [cluster.worker(i) for i in range(2)]
         live = _poll_until_finished(cluster, coordinator)
         for worker in workers:

@@ -71,6 +71,25 @@ def test_job_runs_to_the_end_and_the_ledger_verifies(store: LedgerStore, job_id:
     run(scenario)
 
 
+def test_the_first_iteration_waits_for_min_workers(store: LedgerStore, job_id: str) -> None:
+    async def scenario() -> None:
+        async with with_workers(store, spec_text(job_id, iterations=2), 2, min_workers=2) as (c, (first, second)):
+            await c.job.start()
+            c.runner = asyncio.create_task(c.job.run())
+            await first.join()
+            first.start()
+            await asyncio.sleep(1.5)  # past the coordinator's idle tick: it had its chance to open
+            status = await c.stub.Status(pb.StatusRequest())
+            assert not first.opened and status.closed == 0 and sum(w.connected for w in status.workers) == 1
+            await second.join()
+            second.start()
+            await c.job.finished.wait()
+        assert set(first.opened) == set(second.opened) == {1, 2}
+        assert all(len(opened.assigned) == 3 for w in (first, second) for opened in w.opened.values())
+
+    run(scenario)
+
+
 def test_each_bad_result_gets_its_reason_and_good_ones_still_count(store: LedgerStore, job_id: str) -> None:
     async def body(c: InProcess, workers: list[SimWorker]) -> None:
         a, b = workers

@@ -33,3 +33,20 @@ def test_replay_hash_is_identical_across_capabilities_and_threads(tmp_path: Path
         assert len({r["state"] for r in results}) == 1, results
         assert len({r["derived"] for r in results}) == 1, results
     assert runs[0]["dense"]["state"] != runs[0]["lowrank"]["state"]
+
+
+def test_hash_command_prints_the_same_hash_under_both_capabilities(tmp_path: Path) -> None:
+    from swarmtune import state
+
+    model = tiny_llama(hidden=64, tie=False)
+    model.save_pretrained(tmp_path)
+    expected = state.state_hash(state.master_from_model(model, state.build_plan(model, "dense"))).hex()
+    printed = set()
+    for capability in CAPABILITIES:
+        env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
+        out = subprocess.run(
+            [sys.executable, "-m", "swarmtune", "hash", "--model", str(tmp_path)],
+            env=env, capture_output=True, text=True, check=True, timeout=120,
+        )  # fmt: skip
+        printed.add(out.stdout.strip())
+    assert printed == {expected}

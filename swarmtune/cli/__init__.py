@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 
 # Each entry: (subcommand module under swarmtune.cli, one-line help). Modules expose
@@ -26,6 +27,17 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 class CommandError(Exception):
     """An error the user can fix; printed without a traceback, exit code 2."""
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,5 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"swarmtune {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        # Wound down already: a second Ctrl-C (or one still pending) must not turn exit 130 into a
+        # death by SIGINT during interpreter shutdown.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         print(f"swarmtune {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from swarmtune.cli import CommandError
+from swarmtune.cli import CommandError, positive_int
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -28,6 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     enrollment.add_argument("--admit", nargs="+", default=[], metavar="KEY", help="worker public keys (hex, or files holding one or a worker's key PEM)")
     enrollment.add_argument("--open-enrollment", action="store_true", help="admit every worker that joins (use redundancy >= 2)")
     parser.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (127.0.0.1)")
+    parser.add_argument(
+        "--min-workers", type=positive_int, default=1, metavar="N", help="wait for N connected workers before opening the first iteration (default: %(default)s)"
+    )
     parser.add_argument("--serve-after", action="store_true", help="keep serving ledger and status after the last iteration")
     parser.add_argument("--log-json", action="store_true", help="log JSON lines instead of human-readable lines")
 
@@ -102,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
         serve_after=args.serve_after,
         open_enrollment=args.open_enrollment,
         admit=admitted,
+        min_workers=args.min_workers,
     )
     try:
         with open_store(args.redis_url, args.data_dir) as store:

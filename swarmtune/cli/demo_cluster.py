@@ -102,7 +102,7 @@ def coordinator_args(workdir: Path, job_file: Path, address: str, admitted: Sequ
     return [
         "coordinator", "--job", str(job_file), "--data-dir", str(workdir / "redis"),
         "--key", str(workdir / "coordinator.key"), "--listen", address, "--serve-after", "--log-json",
-        "--admit", *(key.hex() for key in admitted),
+        "--min-workers", str(len(admitted)), "--admit", *(key.hex() for key in admitted),
     ]  # fmt: skip
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from swarmtune.cli import CommandError
+from swarmtune.cli import CommandError, positive_int
 from swarmtune.cli.demo_job import DemoJob
 
 if TYPE_CHECKING:
@@ -45,15 +45,8 @@ class Prepared:
     started: float  # time.monotonic() when the command started
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def _even(text: str) -> int:
-    value = _positive(text)
+    value = positive_int(text)
     if value % 2:
         raise argparse.ArgumentTypeError(f"must be even (antithetic pairs), got {value}")
     return value
@@ -80,12 +73,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="keep the ledger (embedded Redis), keys, logs, ledger file and plot here; run again with the same "
         "directory and options to resume an interrupted demo (default: a new temporary directory, kept)",
     )  # fmt: skip
-    parser.add_argument("--workers", type=_positive, default=2, help="worker processes (default %(default)s)")
-    parser.add_argument("--iterations", type=_positive, default=defaults.iterations, help="ES iterations (default %(default)s)")
+    parser.add_argument("--workers", type=positive_int, default=2, help="worker processes (default %(default)s)")
+    parser.add_argument("--iterations", type=positive_int, default=defaults.iterations, help="ES iterations (default %(default)s)")
     parser.add_argument("--population", type=_even, default=defaults.population, help="members per iteration, even (default %(default)s)")
-    parser.add_argument("--prompts", type=_positive, default=defaults.prompts, help="training prompts per iteration (default %(default)s)")
+    parser.add_argument("--prompts", type=positive_int, default=defaults.prompts, help="training prompts per iteration (default %(default)s)")
     parser.add_argument(
-        "--measure-every", type=_positive, default=defaults.retention_every, metavar="N",
+        "--measure-every", type=positive_int, default=defaults.retention_every, metavar="N",
         help="iterations between held-out measurements of the center model: task accuracy and retention probe (default %(default)s)",
     )  # fmt: skip
     parser.add_argument(

@@ -5,15 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from swarmtune.cli import CommandError
+from swarmtune.cli import CommandError, positive_int
 from swarmtune.worker.config import BACKENDS, DEVICES
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,7 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=BACKENDS, default="hf", help="evaluation backend (default hf)")
     parser.add_argument("--tls-ca", type=Path, help="CA certificate (PEM) to verify the coordinator over TLS")
     parser.add_argument("--model", help="local directory of the job's base model (default: the model the job names)")
-    parser.add_argument("--capacity", type=_positive, default=16, help="members to evaluate per iteration (default 16)")
+    parser.add_argument("--capacity", type=positive_int, default=16, help="members to evaluate per iteration (default 16)")
     parser.add_argument("--operator", default="", help="who runs this worker; replicas of a member avoid one operator")
     parser.add_argument("--log-json", action="store_true", help="log JSON lines instead of human-readable lines")
 

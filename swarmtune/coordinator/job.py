@@ -80,9 +80,11 @@ class Job:
         open_enrollment: bool,
         limits: Limits = Limits(),
         metrics: Metrics | None = None,
+        min_workers: int = 1,
     ) -> None:
         self.spec = spec
         self.limits = limits
+        self.min_workers = min_workers
         self.metrics = metrics or Metrics()
         self._store = store
         self._key = key
@@ -99,6 +101,8 @@ class Job:
         self._recorded: dict[bytes, dict[int, bytes]] = {}  # worker -> member -> bytes in the last iteration entry
         self._wake = asyncio.Event()
         self._paused = False
+        self._opened_once = False  # --min-workers holds back only the first iteration this process opens
+        self._waiting_for_workers = False
         self.finished = asyncio.Event()
 
     # ---- lifecycle ------------------------------------------------------------------------
@@ -117,6 +121,7 @@ class Job:
                 self._round = Round(resumed, self.spec.redundancy, self.spec.redundancy_tolerance)
                 taken = self._round.restore(fields)
                 self._round.retention_worker = next(iter(self._round.retention), None)
+                self._opened_once = True
                 self.metrics.iteration.set(resumed.iteration)
                 log.info("resumed iteration", extra={"iteration": resumed.iteration, "results": taken})
                 for key in self._broadcast.connected():  # workers that subscribed while we read Redis
@@ -146,6 +151,9 @@ class Job:
 
     async def _tick(self) -> None:
         current = self._round
+        if current is None and self._waiting_for_workers and len(self._candidates()) >= self.min_workers:
+            await self._advance()
+            return
         if current is None or current.closing:
             return
         now = now_ms()
@@ -175,7 +183,13 @@ class Job:
             self._finish("completed")
         elif self._paused:
             log.warning("job paused by a retention alert; restart the coordinator to continue", extra={"iteration": last})
+        elif not self._opened_once and len(self._candidates()) < self.min_workers:
+            if not self._waiting_for_workers:
+                log.info("waiting for workers before the first iteration", extra={"iteration": last + 1, "min_workers": self.min_workers})
+            self._waiting_for_workers = True
         else:
+            self._waiting_for_workers = False
+            self._opened_once = True
             await self._open(last + 1)
 
     def _finish(self, reason: str) -> None:
@@ -451,6 +465,8 @@ class Job:
                 yield pb.Announcement(finished=finished).SerializeToString()
                 return
             self._greet(session.key)
+            if self._waiting_for_workers:
+                self._wake.set()
             async for message in self._drain(subscriber):
                 if message.index is not None and message.index <= sent:
                     continue

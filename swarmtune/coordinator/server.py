@@ -51,6 +51,7 @@ class ServerOptions:
     open_enrollment: bool = False
     admit: tuple[bytes, ...] = ()
     limits: Limits = Limits()
+    min_workers: int = 1  # connected workers before the first iteration opens
 
 
 def grpc_options() -> list[tuple[str, int]]:
@@ -157,7 +158,7 @@ async def start(
     chain = Chain(store, key, history)
     _admit(chain, options.admit)
     metrics = Metrics()
-    job = Job(spec, store, key, chain, reward_range, options.open_enrollment, options.limits, metrics)
+    job = Job(spec, store, key, chain, reward_range, options.open_enrollment, options.limits, metrics, options.min_workers)
     server = grpc.aio.server(options=grpc_options(), maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS)
     add_to_server(CoordinatorService(job), server)
     port = _bind(server, options)
