@@ -24,7 +24,7 @@ from swarmtune.seeds import MemberNoise
 from swarmtune.shaping import COEFFICIENT_BITS, sigma_integer
 from swarmtune.state import MasterState, TensorSpec, write_weights
 from swarmtune.tasks.base import Example, RewardFn, columns_of
-from swarmtune.update import LOWRANK_SCALE_BITS, lowrank_scale, perturbation
+from swarmtune.update import LOWRANK_SCALE_BITS, lowrank_scale, member_deltas
 
 
 @dataclass(frozen=True)
@@ -136,18 +136,14 @@ def mean_reward(
     return math.fsum(float(value) for value in values) / len(values)
 
 
-def perturbed_weight(
-    spec: TensorSpec,
-    index: int,
-    q: torch.Tensor,
-    member: MemberNoise,
-    sigma_int: int,
-    noise: NoiseConfig,
-    dtype: torch.dtype,
-) -> torch.Tensor:
-    """derive(Q + integer perturbation): a member's weights come from the master, never a float add."""
-    delta = perturbation(spec, index, member, sigma_int, noise, q.device)
-    return derive(q + delta, spec.exponent, dtype)
+def perturbed_weights(
+    state: MasterState, member: MemberNoise, sigma_int: int, noise: NoiseConfig, dtype: torch.dtype
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """(index, derive(Q + integer perturbation)) of each tensor a member moves: its weights come from
+    the master, never from a float add."""
+    for index, delta in member_deltas(state, member, sigma_int, noise):
+        spec = state.specs[index]
+        yield index, derive(delta.add_(state.q[index]), spec.exponent, dtype)
 
 
 def lowrank_sigma(sigma_int: int, rank: int) -> float:
@@ -317,10 +313,9 @@ class HFEvaluator:
         """The member's derived weights in the model; the cached center copied back on exit."""
         try:
             with torch.no_grad():
-                for index, spec, param in self.trainable:
-                    q = self.state.q[index]
-                    weight = perturbed_weight(spec, index, q, member, self.sigma_int, self.noise, param.dtype)
-                    param.copy_(weight.view(param.shape))
+                params = {index: param for index, _, param in self.trainable}
+                for index, weight in perturbed_weights(self.state, member, self.sigma_int, self.noise, torch.float32):
+                    params[index].copy_(weight)  # float32 -> the parameter's dtype: derive's last rounding
             yield
         finally:
             with torch.no_grad():

@@ -37,7 +37,7 @@ def to_fixed(weights: torch.Tensor, exponent: int) -> torch.Tensor:
 
 def derive(q: torch.Tensor, exponent: int, dtype: torch.dtype) -> torch.Tensor:
     """Derived weights: Q -> float64 (exact) -> ·2^-F (exact) -> float32 (RNE) -> dtype (RNE)."""
-    return (q.to(torch.float64) * (2.0 ** (-exponent))).to(torch.float32).to(dtype)
+    return q.to(torch.float64).mul_(2.0 ** (-exponent)).to(torch.float32).to(dtype)
 
 
 def rne_shift(x: torch.Tensor, shift: int) -> torch.Tensor:
@@ -46,11 +46,14 @@ def rne_shift(x: torch.Tensor, shift: int) -> torch.Tensor:
         raise ValueError(f"shift must be in [0, 62], got {shift}")
     if shift == 0:
         return x
+    # x = floor·2^s + r with 0 <= r < 2^s. r + (floor & 1) + 2^(s-1) - 1 reaches 2^s exactly when r is
+    # above half, or at half with floor odd: the carry is the rounding, and nothing can overflow.
     floor = x >> shift  # arithmetic shift: floor division for negative x too
-    remainder = x - (floor << shift)  # in [0, 2^shift)
-    half = 1 << (shift - 1)
-    round_up = (remainder > half) | ((remainder == half) & ((floor & 1) == 1))
-    return floor + round_up.to(torch.int64)
+    carry = x & ((1 << shift) - 1)
+    carry += floor & 1
+    carry += (1 << (shift - 1)) - 1
+    carry >>= shift
+    return floor.add_(carry)
 
 
 def rne_shift_int(x: int, shift: int) -> int:

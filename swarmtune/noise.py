@@ -7,6 +7,7 @@ import hashlib
 import statistics
 import sys
 from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 
@@ -66,18 +67,22 @@ def stream_key(seed: int, tensor_index: int, role: int) -> int:
     return _signed(int.from_bytes(hashlib.sha256(payload).digest()[:8], "little"))
 
 
-def _logical_shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
-    # torch's >> on int64 is arithmetic; masking off the smeared sign bits makes it logical.
-    return (x >> bits) & ((1 << (64 - bits)) - 1)
-
-
 def hash_blocks(key: int, start: int, count: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """splitmix64 of counters start..start+count-1 under `key`: block j is mix(key + (j+1)·γ)."""
     z = torch.arange(start + 1, start + count + 1, dtype=torch.int64, device=device)
-    z.mul_(GOLDEN_GAMMA).add_(key)  # int64 multiply wraps modulo 2**64, as splitmix64 needs
-    z.bitwise_xor_(_logical_shift_right(z, 30)).mul_(MIX_MUL_1)
-    z.bitwise_xor_(_logical_shift_right(z, 27)).mul_(MIX_MUL_2)
-    return z.bitwise_xor_(_logical_shift_right(z, 31))
+    return _mix_(z.mul_(GOLDEN_GAMMA).add_(key))  # int64 multiply wraps modulo 2**64, as splitmix64 needs
+
+
+def _mix_(z: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finalizer, in place."""
+    shifted = torch.empty_like(z)  # one scratch buffer for the three xor-shifts: half the memory traffic
+    for bits, multiplier in ((30, MIX_MUL_1), (27, MIX_MUL_2), (31, 1)):
+        # torch's >> on int64 is arithmetic; masking off the smeared sign bits makes it logical.
+        torch.bitwise_right_shift(z, bits, out=shifted).bitwise_and_((1 << (64 - bits)) - 1)
+        z.bitwise_xor_(shifted)
+        if multiplier != 1:
+            z.mul_(multiplier)
+    return z
 
 
 def _require_little_endian() -> None:
@@ -86,20 +91,35 @@ def _require_little_endian() -> None:
         raise RuntimeError("swarmtune noise needs a little-endian host")
 
 
-def rademacher(key: int, numel: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """±1 as int8: element j is 1 - 2·(bit j mod 64 of block j // 64)."""
-    _require_little_endian()
-    out = torch.empty(numel, dtype=torch.int8, device=device)
-    shifts = torch.arange(8, dtype=torch.uint8, device=device)
+def _rademacher_symbols(key: int, start: int, stop: int, device: torch.device) -> torch.Tensor:
+    """Bits start..stop-1 of the stream (bit j mod 64 of block j // 64), as int32 0/1."""
+    first_block, last_block = start // 64, (stop + 63) // 64
+    octets = hash_blocks(key, first_block, last_block - first_block, device).view(torch.uint8)
+    bits = (octets.unsqueeze(1) >> torch.arange(8, dtype=torch.uint8, device=device)).bitwise_and_(1).view(-1)
+    offset = start - first_block * 64
+    return bits[offset : offset + stop - start].to(torch.int32)
+
+
+def _gaussian_symbols(key: int, start: int, stop: int, device: torch.device) -> torch.Tensor:
+    """16-bit fields start..stop-1 of the stream (field j mod 4 of block j // 4), as int32 0..65535."""
+    first_block, last_block = start // 4, (stop + 3) // 4
+    fields = hash_blocks(key, first_block, last_block - first_block, device).view(torch.int16)
+    offset = start - first_block * 4
+    return fields[offset : offset + stop - start].to(torch.int32).bitwise_and_(0xFFFF)
+
+
+def _lookup(symbols: Callable[[int, int, int, torch.device], torch.Tensor], key: int, numel: int, values: torch.Tensor) -> torch.Tensor:
+    _require_little_endian()  # fields are taken from blocks through dtype views, numbered LSB-first
+    out = torch.empty(numel, dtype=values.dtype, device=values.device)
     for start in range(0, numel, CHUNK_ELEMENTS):
         stop = min(start + CHUNK_ELEMENTS, numel)
-        first_block, last_block = start // 64, (stop + 63) // 64
-        octets = hash_blocks(key, first_block, last_block - first_block, device).view(torch.uint8)
-        bits = (octets.unsqueeze(1) >> shifts).bitwise_and_(1).view(-1)
-        offset = start - first_block * 64
-        chunk = bits[offset : offset + stop - start].view(torch.int8)
-        out[start:stop] = 1 - 2 * chunk
+        torch.index_select(values, 0, symbols(key, start, stop, values.device), out=out[start:stop])
     return out
+
+
+def rademacher(key: int, numel: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """±1 as int8: element j is 1 - 2·(bit j mod 64 of block j // 64)."""
+    return _lookup(_rademacher_symbols, key, numel, noise_alphabet("rademacher", device))
 
 
 def _gaussian_table_values() -> list[int]:
@@ -123,30 +143,56 @@ def gaussian_table(device: str = "cpu") -> torch.Tensor:
 
 def gaussian(key: int, numel: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """Table Gaussian as int16: element j is TABLE[16-bit field j mod 4 of block j // 4]."""
+    return _lookup(_gaussian_symbols, key, numel, noise_alphabet("gaussian", device))
+
+
+def noise_alphabet(distribution: str, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Every value a dense noise element can take, indexed by its stream symbol (bit or 16-bit field)."""
+    if distribution == "rademacher":
+        return torch.tensor([1, -1], dtype=torch.int8, device=device)
+    if distribution == "gaussian":
+        return gaussian_table(str(torch.device(device)))
+    raise ValueError(f"unknown noise distribution {distribution!r}")
+
+
+def dense_noise_map(seed: int, tensors: Sequence[tuple[int, int]], distribution: str, values: torch.Tensor) -> torch.Tensor:
+    """values[symbol] for each element of the dense noise of `tensors` ((index, numel) pairs),
+    concatenated: f(E) for any elementwise f by mapping the alphabet once (values =
+    f(noise_alphabet(...))) instead of every element.
+
+    One tensor is generated in bounded chunks; several (meant for small ones) in one pass, where
+    per-call overhead, not arithmetic, is the cost.
+    """
+    if distribution not in DISTRIBUTIONS:
+        raise ValueError(f"unknown noise distribution {distribution!r}")
+    symbols, per_block = (_rademacher_symbols, 64) if distribution == "rademacher" else (_gaussian_symbols, 4)
+    if len(tensors) == 1:
+        ((index, numel),) = tensors
+        return _lookup(symbols, stream_key(seed, index, ROLE_DENSE), numel, values)
     _require_little_endian()
-    device = torch.device(device)
-    table = gaussian_table(str(device))
-    out = torch.empty(numel, dtype=torch.int16, device=device)
-    for start in range(0, numel, CHUNK_ELEMENTS):
-        stop = min(start + CHUNK_ELEMENTS, numel)
-        first_block, last_block = start // 4, (stop + 3) // 4
-        fields = hash_blocks(key, first_block, last_block - first_block, device).view(torch.int16)
-        offset = start - first_block * 4
-        index = fields[offset : offset + stop - start].to(torch.int32).bitwise_and_(0xFFFF)
-        out[start:stop] = table[index]
-    return out
+    device = values.device
+    numels = [numel for _, numel in tensors]
+    blocks = torch.tensor([(numel + per_block - 1) // per_block for numel in numels], dtype=torch.int64, device=device)
+    keys = torch.tensor([stream_key(seed, index, ROLE_DENSE) for index, _ in tensors], dtype=torch.int64, device=device)
+    first = torch.repeat_interleave(blocks.cumsum(0) - blocks, blocks)
+    # Each tensor's blocks count 1, 2, ... under its own key, exactly as hash_blocks numbers them.
+    z = torch.arange(1, first.numel() + 1, dtype=torch.int64, device=device).sub_(first)
+    z = _mix_(z.mul_(GOLDEN_GAMMA).add_(torch.repeat_interleave(keys, blocks)))
+    if distribution == "rademacher":
+        octets = z.view(torch.uint8)
+        every = (octets.unsqueeze(1) >> torch.arange(8, dtype=torch.uint8, device=device)).bitwise_and_(1).view(-1).to(torch.int32)
+    else:
+        every = z.view(torch.int16).to(torch.int32).bitwise_and_(0xFFFF)
+    starts = [per_block * int(b) for b in (blocks.cumsum(0) - blocks).tolist()]
+    kept = torch.cat([every[start : start + numel] for start, numel in zip(starts, numels)])
+    return values.index_select(0, kept)
 
 
 def dense_noise(
     seed: int, tensor_index: int, numel: int, distribution: str, device: torch.device | str = "cpu"
 ) -> torch.Tensor:
     """The flat dense noise of one tensor for one seed (int8 ±1 or int16 table Gaussian)."""
-    key = stream_key(seed, tensor_index, ROLE_DENSE)
-    if distribution == "rademacher":
-        return rademacher(key, numel, device)
-    if distribution == "gaussian":
-        return gaussian(key, numel, device)
-    raise ValueError(f"unknown noise distribution {distribution!r}")
+    return dense_noise_map(seed, [(tensor_index, numel)], distribution, noise_alphabet(distribution, device))
 
 
 def lowrank_factors(

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
 from swarmtune.fixedpoint import FixedPointOverflow, check_range, rne_shift
-from swarmtune.noise import GAUSSIAN_SCALE_BITS, NoiseConfig, dense_noise, lowrank_factors
+from swarmtune.noise import GAUSSIAN_SCALE_BITS, NoiseConfig, dense_noise_map, lowrank_factors, noise_alphabet
 from swarmtune.seeds import MemberNoise
 from swarmtune.shaping import COEFFICIENT_BITS
 from swarmtune.state import MasterState, TensorSpec
@@ -18,6 +18,8 @@ from swarmtune.state import MasterState, TensorSpec
 LOWRANK_SCALE_BITS = 16
 # Anchored decay strength λ is recorded as round_half_even(λ · 2^DECAY_BITS).
 DECAY_BITS = 24
+# Dense tensors up to this many elements are generated together, one pass per rounding shift.
+SMALL_TENSOR = 1 << 16
 # float64 represents every integer below 2^53, so a GEMM whose every partial sum stays below is exact.
 FLOAT64_EXACT_BITS = 53
 
@@ -79,11 +81,16 @@ def exact_outer_sum(weights: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> 
         remaining, shift = remaining >> limb_bits, shift + limb_bits
 
 
+def dense_shift(spec: TensorSpec, noise: NoiseConfig) -> int:
+    """The rounding shift C + bits - F of a tensor's update."""
+    return COEFFICIENT_BITS + noise_scale_bits(spec, noise) - spec.exponent
+
+
 def tensor_delta(
     spec: TensorSpec, tensor_index: int, weights: Mapping[int, int], noise: NoiseConfig, device: torch.device
 ) -> torch.Tensor:
     """round_half_even(Σ_seed w_seed·E_seed / 2^(C + bits - F)) for one tensor, int64, flat."""
-    shift = COEFFICIENT_BITS + noise_scale_bits(spec, noise) - spec.exponent
+    shift = dense_shift(spec, noise)
     if spec.treatment == "lowrank":
         out_features, in_features = spec.shape
         seeds = list(weights)
@@ -93,10 +100,50 @@ def tensor_delta(
         a = torch.cat([f[0] for f in factors], dim=1) if factors else torch.empty(out_features, 0, device=device)
         b = torch.cat([f[1] for f in factors], dim=1) if factors else torch.empty(in_features, 0, device=device)
         return rne_shift(exact_outer_sum(w, a, b), shift).view(-1)
-    total = torch.zeros(spec.numel, dtype=torch.int64, device=device)
+    return dense_delta([(tensor_index, spec.numel)], weights, noise.distribution, shift, device)
+
+
+def dense_delta(
+    tensors: Sequence[tuple[int, int]], weights: Mapping[int, int], distribution: str, shift: int, device: torch.device
+) -> torch.Tensor:
+    """round_half_even(Σ_seed w_seed·E_seed / 2^shift) of dense `tensors` ((index, numel) pairs), concatenated."""
+    if len(weights) == 1:  # one member's perturbation: the rounding is elementwise too
+        ((seed, weight),) = weights.items()
+        return mapped_noise(seed, tensors, distribution, device, lambda e: rne_shift(e * weight, shift))
+    total = torch.zeros(sum(numel for _, numel in tensors), dtype=torch.int64, device=device)
     for seed, weight in weights.items():
-        total += dense_noise(seed, tensor_index, spec.numel, noise.distribution, device).to(torch.int64) * weight
+        total += mapped_noise(seed, tensors, distribution, device, lambda e: e * weight)
     return rne_shift(total, shift)
+
+
+def mapped_noise(
+    seed: int, tensors: Sequence[tuple[int, int]], distribution: str, device: torch.device, f: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """f(E) for an elementwise integer map f of the dense noise E (int64) of `tensors`, concatenated;
+    f maps the noise alphabet (2 or 65,536 values) instead of the elements when there are more elements."""
+    alphabet = noise_alphabet(distribution, device)
+    if sum(numel for _, numel in tensors) > alphabet.numel():
+        return dense_noise_map(seed, tensors, distribution, f(alphabet.to(torch.int64)))
+    return f(dense_noise_map(seed, tensors, distribution, alphabet).to(torch.int64))
+
+
+def state_deltas(
+    state: MasterState, weights: Mapping[int, int], noise: NoiseConfig
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """(index, flat ΔQ) of every tensor that moves, in order: tensor_delta's values, with the small dense
+    tensors of each rounding shift generated together (for them, per-call overhead is the cost)."""
+    groups: dict[tuple[int, torch.device], list[int]] = {}
+    for index, (spec, q) in enumerate(zip(state.specs, state.q)):
+        if spec.treatment == "dense" and spec.numel <= SMALL_TENSOR:
+            groups.setdefault((dense_shift(spec, noise), q.device), []).append(index)
+    small: dict[int, torch.Tensor] = {}
+    for (shift, device), indices in groups.items():
+        tensors = [(index, state.specs[index].numel) for index in indices]
+        flat = dense_delta(tensors, weights, noise.distribution, shift, device)
+        small.update(zip(indices, flat.split([numel for _, numel in tensors])))
+    for index, (spec, q) in enumerate(zip(state.specs, state.q)):
+        if spec.treatment != "frozen":
+            yield index, small.pop(index) if index in small else tensor_delta(spec, index, weights, noise, q.device)
 
 
 def apply_iteration_(
@@ -110,29 +157,27 @@ def apply_iteration_(
 
     On FixedPointOverflow the tensors before the failing one are already updated: rebuild the state.
     """
+    if decay and base is None:
+        raise ValueError("anchored decay needs the base state")
     weights = seed_weights(update.members, update.coefficients)
-    for index, (spec, q) in enumerate(zip(state.specs, state.q)):
-        if spec.treatment == "frozen":
-            continue
-        delta = tensor_delta(spec, index, weights, noise, q.device).view(q.shape)
+    for index, delta in state_deltas(state, weights, noise):
+        spec, q = state.specs[index], state.q[index]
+        delta = delta.view(q.shape)
         if decay:
-            if base is None:
-                raise ValueError("anchored decay needs the base state")
+            assert base is not None
             drift = q - base.q[index].to(q.device)
             if drift.numel() and int(drift.abs().max().item()) * decay >= 1 << 62:
                 raise FixedPointOverflow(f"anchored decay of {spec.name!r} would overflow int64")
-            delta -= rne_shift(drift * decay, DECAY_BITS)
+            delta = delta - rne_shift(drift * decay, DECAY_BITS)
         updated = q + delta
         check_range(updated, spec.name)
         q.copy_(updated)
 
 
-def perturbation(
-    spec: TensorSpec, tensor_index: int, member: MemberNoise, sigma: int, noise: NoiseConfig, device: torch.device
-) -> torch.Tensor:
-    """The integer perturbation σ·sign·E of one tensor for one member (shaped like the tensor)."""
-    delta = tensor_delta(spec, tensor_index, {member.seed: member.sign * sigma}, noise, device)
-    return delta.view(spec.shape)
+def member_deltas(state: MasterState, member: MemberNoise, sigma: int, noise: NoiseConfig) -> Iterator[tuple[int, torch.Tensor]]:
+    """(index, integer perturbation σ·sign·E shaped like the tensor) of every tensor a member moves."""
+    for index, delta in state_deltas(state, {member.seed: member.sign * sigma}, noise):
+        yield index, delta.view(state.specs[index].shape)
 
 
 def replay_(

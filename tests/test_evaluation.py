@@ -16,7 +16,7 @@ from swarmtune.evaluation import (
     greedy_tokens,
     lowrank_deltas,
     lowrank_hooks,
-    perturbed_weight,
+    perturbed_weights,
     population_factors,
     stop_token_ids,
     uses_lowrank_batching,
@@ -117,7 +117,7 @@ def test_hooked_linear_equals_materialised_linear(loaded: tuple[Any, Any]) -> No
     with lowrank_hooks(model, deltas), torch.no_grad():
         hooked = linear(x.clone())
     for row, member in enumerate(members):
-        weight = perturbed_weight(spec, index, state.q[index], member, sigma_int, noise, torch.float32)
+        weight = dict(perturbed_weights(state, member, sigma_int, noise, torch.float32))[index]
         torch.testing.assert_close(hooked[row], x[row] @ weight.t(), rtol=1e-5, atol=1e-6)
 
 
@@ -128,10 +128,12 @@ def test_antithetic_perturbations_are_opposite(loaded: tuple[Any, Any]) -> None:
     plus, minus = population(11, 0, 2, antithetic=True)
     assert plus.seed == minus.seed and (plus.sign, minus.sign) == (1, -1)
     sigma_int = sigma_integer(SIGMA)
+    ups = dict(perturbed_weights(state, plus, sigma_int, noise, torch.float64))
+    downs = dict(perturbed_weights(state, minus, sigma_int, noise, torch.float64))
+    assert set(ups) == set(downs) == set(range(len(state.specs)))
     for index, spec in enumerate(state.specs):
         center = derive(state.q[index], spec.exponent, torch.float64)
-        up = perturbed_weight(spec, index, state.q[index], plus, sigma_int, noise, torch.float64) - center
-        down = perturbed_weight(spec, index, state.q[index], minus, sigma_int, noise, torch.float64) - center
+        up, down = ups[index] - center, downs[index] - center
         # Equal and opposite up to the float32 rounding (2^-24 relative) of each derived weight.
         assert ((up + down).abs() <= 2.0**-22 * (center.abs() + up.abs())).all()
         assert up.abs().max() > 0

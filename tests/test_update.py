@@ -23,10 +23,15 @@ def single_tensor_state(treatment: str, shape: tuple[int, ...], exponent: int = 
     return MasterState((TensorSpec("w", shape, exponent, treatment),), (q,))
 
 
+# Tensors below and above the Gaussian alphabet's 65,536 values: the update maps whichever is smaller.
+SHAPES = [(5, 7), (263, 251)]
+
+
 @pytest.mark.parametrize("distribution", ["rademacher", "gaussian"])
 @pytest.mark.parametrize("exponent", [40, 33])
-def test_dense_update_matches_reference(distribution: str, exponent: int) -> None:
-    state = single_tensor_state("dense", (5, 7), exponent)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_dense_update_matches_reference(distribution: str, exponent: int, shape: tuple[int, int]) -> None:
+    state = single_tensor_state("dense", shape, exponent)
     before = state.q[0].flatten().tolist()
     members = population(11, 2, 4, antithetic=True)
     coefficients = (12345678, -987654, 55555, 3)
@@ -34,8 +39,20 @@ def test_dense_update_matches_reference(distribution: str, exponent: int) -> Non
     weights = {}
     for m, c in zip(members, coefficients):
         weights[m.seed] = weights.get(m.seed, 0) + m.sign * c
-    delta = ref.dense_delta(weights, 0, 35, distribution, exponent)
+    delta = ref.dense_delta(weights, 0, shape[0] * shape[1], distribution, exponent)
     assert state.q[0].flatten().tolist() == [b + d for b, d in zip(before, delta)]
+
+
+@pytest.mark.parametrize("distribution", ["rademacher", "gaussian"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_member_perturbation_matches_reference(distribution: str, shape: tuple[int, int]) -> None:
+    (spec,) = single_tensor_state("dense", shape, 37).specs
+    member = population(3, 1, 2, antithetic=True)[1]
+    sigma = 5_000_001
+    state = single_tensor_state("dense", shape, 37)
+    ((index, delta),) = update.member_deltas(state, member, sigma, NoiseConfig("dense", distribution))
+    assert index == 0 and delta.shape == shape
+    assert delta.flatten().tolist() == ref.dense_delta({member.seed: member.sign * sigma}, 0, spec.numel, distribution, 37)
 
 
 @pytest.mark.parametrize("rank", [1, 3])
@@ -112,3 +129,20 @@ def test_overflow_raises_a_clear_error() -> None:
 def test_mismatched_lengths_are_refused() -> None:
     with pytest.raises(ValueError, match="coefficients"):
         update.seed_weights(population(1, 0, 2, False), (1,))
+
+
+@pytest.mark.parametrize("distribution", ["rademacher", "gaussian"])
+@pytest.mark.parametrize("seeds", [1, 3])
+def test_small_tensors_generated_together_equal_each_alone(distribution: str, seeds: int) -> None:
+    shapes = [(3, 5), (7,), (64, 65), (1,), (130,), (9, 11)]  # numels off the 4- and 64-element block sizes
+    specs = tuple(TensorSpec(f"t{i}", shape, 40 - i % 2, "dense") for i, shape in enumerate(shapes))
+    specs += (TensorSpec("frozen", (4,), 40, "frozen"),)
+    state = MasterState(specs, tuple(torch.zeros(spec.shape, dtype=torch.int64) for spec in specs))
+    weights = {1000 + s: (s + 1) * 987_654_321 * (-1) ** s for s in range(seeds)}
+    noise = NoiseConfig("dense", distribution)
+    together = dict(update.state_deltas(state, weights, noise))
+    assert sorted(together) == list(range(len(shapes)))
+    for index, spec in enumerate(specs[:-1]):
+        alone = update.tensor_delta(spec, index, weights, noise, torch.device("cpu"))
+        assert torch.equal(together[index], alone), spec.name
+    assert together[2].tolist() == ref.dense_delta(weights, 2, 64 * 65, distribution, 40)
