@@ -11,15 +11,7 @@ import torch
 from torch import nn
 
 from swarmtune.fixedpoint import derive
-from swarmtune.noise import (
-    GOLDEN_GAMMA,
-    MIX_MUL_1,
-    MIX_MUL_2,
-    ROLE_LOWRANK_A,
-    ROLE_LOWRANK_B,
-    NoiseConfig,
-    stream_key,
-)
+from swarmtune.noise import NoiseConfig, population_factors
 from swarmtune.seeds import MemberNoise
 from swarmtune.shaping import COEFFICIENT_BITS, sigma_integer
 from swarmtune.state import MasterState, TensorSpec, write_weights
@@ -149,37 +141,6 @@ def perturbed_weights(
 def lowrank_sigma(sigma_int: int, rank: int) -> float:
     """σ_eff with ΔW = σ_eff·A·Bᵀ: the integer σ and 1/√r scale of the materialised perturbation."""
     return sigma_int * lowrank_scale(rank) * 2.0 ** -(COEFFICIENT_BITS + LOWRANK_SCALE_BITS)
-
-
-def _shift_right_logical(x: torch.Tensor, bits: int) -> torch.Tensor:
-    # torch's >> on int64 is arithmetic; masking the smeared sign bits makes it logical.
-    return (x >> bits) & ((1 << (64 - bits)) - 1)
-
-
-def rademacher_rows(keys: Sequence[int], numel: int, device: torch.device | str) -> torch.Tensor:
-    """noise.rademacher for many stream keys in one pass (keys × numel, int8): the same bits.
-
-    Element j of a row is 1 - 2·(bit j mod 64 of splitmix64 block j // 64); batching the keys
-    replaces thousands of tiny per-factor calls (a population × every matrix) by one per matrix.
-    """
-    blocks = torch.arange(1, (numel + 63) // 64 + 1, dtype=torch.int64, device=device) * GOLDEN_GAMMA
-    z = blocks.unsqueeze(0) + torch.tensor(list(keys), dtype=torch.int64, device=device).unsqueeze(1)
-    z = (z ^ _shift_right_logical(z, 30)) * MIX_MUL_1
-    z = (z ^ _shift_right_logical(z, 27)) * MIX_MUL_2
-    z = z ^ _shift_right_logical(z, 31)
-    bits = (z.unsqueeze(-1) >> torch.arange(64, device=device)) & 1
-    return (1 - 2 * bits.view(len(keys), -1)[:, :numel]).to(torch.int8)
-
-
-def population_factors(
-    seeds: Sequence[int], tensor_index: int, out_features: int, in_features: int, rank: int, device: torch.device | str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """noise.lowrank_factors of one matrix for many seeds: A (seeds × out × r), B (seeds × in × r)."""
-    keys_a = [stream_key(seed, tensor_index, ROLE_LOWRANK_A) for seed in seeds]
-    keys_b = [stream_key(seed, tensor_index, ROLE_LOWRANK_B) for seed in seeds]
-    a = rademacher_rows(keys_a, out_features * rank, device).view(len(seeds), out_features, rank)
-    b = rademacher_rows(keys_b, in_features * rank, device).view(len(seeds), in_features, rank)
-    return a, b
 
 
 def lowrank_deltas(

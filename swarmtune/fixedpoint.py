@@ -41,19 +41,16 @@ def derive(q: torch.Tensor, exponent: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 def rne_shift(x: torch.Tensor, shift: int) -> torch.Tensor:
-    """x / 2^shift rounded half to even, in int64 arithmetic (x may be negative)."""
+    """x / 2^shift rounded half to even, in int64 arithmetic, for |x| <= 2^62 (x may be negative)."""
     if shift < 0 or shift > 62:
         raise ValueError(f"shift must be in [0, 62], got {shift}")
     if shift == 0:
         return x
-    # x = floor·2^s + r with 0 <= r < 2^s. r + (floor & 1) + 2^(s-1) - 1 reaches 2^s exactly when r is
-    # above half, or at half with floor odd: the carry is the rounding, and nothing can overflow.
-    floor = x >> shift  # arithmetic shift: floor division for negative x too
-    carry = x & ((1 << shift) - 1)
-    carry += floor & 1
-    carry += (1 << (shift - 1)) - 1
-    carry >>= shift
-    return floor.add_(carry)
+    # With x = floor·2^s + r (0 <= r < 2^s): x + 2^(s-1) - 1 + (floor & 1) passes the next multiple of
+    # 2^s exactly when r is above half, or at half with floor odd. |x| <= 2^62 keeps it in int64.
+    out = x >> shift  # arithmetic shift: floor division for negative x too
+    out.bitwise_and_(1).add_(x).add_((1 << (shift - 1)) - 1)
+    return out.bitwise_right_shift_(shift)
 
 
 def rne_shift_int(x: int, shift: int) -> int:

@@ -199,6 +199,28 @@ def lowrank_factors(
     seed: int, tensor_index: int, out_features: int, in_features: int, rank: int, device: torch.device | str = "cpu"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """±1 factors (A: out×r, B: in×r, int8) of the low-rank noise E = A·Bᵀ/√r of one matrix."""
-    a = rademacher(stream_key(seed, tensor_index, ROLE_LOWRANK_A), out_features * rank, device)
-    b = rademacher(stream_key(seed, tensor_index, ROLE_LOWRANK_B), in_features * rank, device)
-    return a.view(out_features, rank), b.view(in_features, rank)
+    a, b = population_factors([seed], tensor_index, out_features, in_features, rank, device)
+    return a[0], b[0]
+
+
+def rademacher_rows(keys: Sequence[int], numel: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """rademacher(key, numel) for many keys in one pass (keys × numel, int8): the same bits, one
+    call for a whole population instead of one per seed and matrix."""
+    if not keys:
+        return torch.empty(0, numel, dtype=torch.int8, device=device)
+    blocks = torch.arange(1, (numel + 63) // 64 + 1, dtype=torch.int64, device=device).mul_(GOLDEN_GAMMA)
+    z = _mix_(blocks.unsqueeze(0) + torch.tensor(list(keys), dtype=torch.int64, device=device).unsqueeze(1))
+    bits = (z.view(torch.uint8).unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8, device=device)).bitwise_and_(1)
+    return 1 - 2 * bits.view(len(keys), -1)[:, :numel].to(torch.int8)
+
+
+def population_factors(
+    seeds: Sequence[int], tensor_index: int, out_features: int, in_features: int, rank: int, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """lowrank_factors of one matrix for many seeds: A (seeds × out × r), B (seeds × in × r), int8."""
+    _require_little_endian()
+    keys_a = [stream_key(seed, tensor_index, ROLE_LOWRANK_A) for seed in seeds]
+    keys_b = [stream_key(seed, tensor_index, ROLE_LOWRANK_B) for seed in seeds]
+    a = rademacher_rows(keys_a, out_features * rank, device).view(len(seeds), out_features, rank)
+    b = rademacher_rows(keys_b, in_features * rank, device).view(len(seeds), in_features, rank)
+    return a, b

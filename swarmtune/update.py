@@ -9,7 +9,7 @@ from typing import Callable, Iterable, Iterator, Mapping, Sequence
 import torch
 
 from swarmtune.fixedpoint import FixedPointOverflow, check_range, rne_shift
-from swarmtune.noise import GAUSSIAN_SCALE_BITS, NoiseConfig, dense_noise_map, lowrank_factors, noise_alphabet
+from swarmtune.noise import GAUSSIAN_SCALE_BITS, NoiseConfig, dense_noise_map, noise_alphabet, population_factors
 from swarmtune.seeds import MemberNoise
 from swarmtune.shaping import COEFFICIENT_BITS
 from swarmtune.state import MasterState, TensorSpec
@@ -67,7 +67,7 @@ def exact_outer_sum(weights: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> 
         raise FixedPointOverflow(f"low-rank update of {k} terms with coefficients up to {largest} exceeds int64")
     bt = b.to(torch.float64).t()
     limb_bits = FLOAT64_EXACT_BITS - 1 - max(1, (k - 1).bit_length())
-    total = torch.zeros(a.shape[0], b.shape[0], dtype=torch.int64, device=a.device)
+    total: torch.Tensor | None = None
     remaining, shift = weights, 0
     while True:
         if int(remaining.abs().max().item()) * k < 1 << (FLOAT64_EXACT_BITS - 1):
@@ -75,7 +75,7 @@ def exact_outer_sum(weights: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> 
         else:
             limb, last = remaining & ((1 << limb_bits) - 1), False
         part = ((a.to(torch.float64) * limb.to(torch.float64)) @ bt).to(torch.int64)
-        total += part << shift
+        total = part if total is None else total.add_(part.bitwise_left_shift_(shift))
         if last:
             return total
         remaining, shift = remaining >> limb_bits, shift + limb_bits
@@ -94,11 +94,12 @@ def tensor_delta(
     if spec.treatment == "lowrank":
         out_features, in_features = spec.shape
         seeds = list(weights)
-        factors = [lowrank_factors(s, tensor_index, out_features, in_features, noise.rank, device) for s in seeds]
+        # Columns seed-major, then rank: A is out × (seeds·r), B is in × (seeds·r).
+        a, b = population_factors(seeds, tensor_index, out_features, in_features, noise.rank, device)
+        a = a.permute(1, 0, 2).reshape(out_features, -1)
+        b = b.permute(1, 0, 2).reshape(in_features, -1)
         scale = lowrank_scale(noise.rank)
         w = torch.tensor([weights[s] * scale for s in seeds for _ in range(noise.rank)], dtype=torch.int64, device=device)
-        a = torch.cat([f[0] for f in factors], dim=1) if factors else torch.empty(out_features, 0, device=device)
-        b = torch.cat([f[1] for f in factors], dim=1) if factors else torch.empty(in_features, 0, device=device)
         return rne_shift(exact_outer_sum(w, a, b), shift).view(-1)
     return dense_delta([(tensor_index, spec.numel)], weights, noise.distribution, shift, device)
 

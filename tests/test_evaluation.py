@@ -17,13 +17,12 @@ from swarmtune.evaluation import (
     lowrank_deltas,
     lowrank_hooks,
     perturbed_weights,
-    population_factors,
     stop_token_ids,
     uses_lowrank_batching,
 )
 from swarmtune.fixedpoint import derive
 from swarmtune.models import build_random_model, load_model
-from swarmtune.noise import NoiseConfig, lowrank_factors
+from swarmtune.noise import NoiseConfig
 from swarmtune.seeds import MemberNoise, population
 from swarmtune.shaping import sigma_integer
 from swarmtune.state import MasterState, build_plan, master_from_model
@@ -162,15 +161,6 @@ def test_dense_members_change_rewards(loaded: tuple[Any, Any]) -> None:
     rewards = ev.evaluate(population(3, 0, 4, antithetic=True), EXAMPLES, recorder, NEW_TOKENS)
     assert all(batch != tuple(center) for batch in recorder.batches)
     assert len(set(rewards)) == 4 and center_reward not in rewards
-
-
-def test_lowrank_factors_batched_like_noise() -> None:
-    seeds = [1, 2**64 - 1, 12345]
-    for index, out_features, in_features, rank in [(0, 64, 64, 1), (5, 90, 37, 2), (11, 1, 130, 3)]:
-        a, b = population_factors(seeds, index, out_features, in_features, rank, "cpu")
-        for row, seed in enumerate(seeds):
-            expected_a, expected_b = lowrank_factors(seed, index, out_features, in_features, rank, "cpu")
-            assert torch.equal(a[row], expected_a) and torch.equal(b[row], expected_b)
 
 
 def test_greedy_loop_matches_hf_generate(loaded: tuple[Any, Any]) -> None:

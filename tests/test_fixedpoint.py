@@ -12,11 +12,17 @@ from hypothesis import strategies as st
 from swarmtune import fixedpoint
 
 
-@given(st.integers(min_value=-(2**60), max_value=2**60), st.integers(min_value=0, max_value=62))
+@given(st.integers(min_value=-(2**62), max_value=2**62), st.integers(min_value=0, max_value=62))
 def test_rne_shift_is_round_half_even(x: int, shift: int) -> None:
     expected = round(Fraction(x, 1 << shift))
     assert fixedpoint.rne_shift(torch.tensor([x]), shift).item() == expected
     assert fixedpoint.rne_shift_int(x, shift) == expected
+
+
+def test_rne_shift_at_the_ends_of_its_range() -> None:
+    x = torch.tensor([2**62, -(2**62), 2**62 - 1, 3 * 2**60, -(3 * 2**60)])
+    for shift in (1, 2, 31, 61, 62):
+        assert fixedpoint.rne_shift(x, shift).tolist() == [round(Fraction(v, 1 << shift)) for v in x.tolist()]
 
 
 def test_rne_shift_ties() -> None:

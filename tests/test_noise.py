@@ -68,6 +68,16 @@ def test_lowrank_factors_shapes_and_values() -> None:
     assert b.flatten().tolist() == ref.rademacher(ref.stream_key(9, 4, 2), 10)
 
 
+def test_population_factors_equal_each_seed_streamed_alone() -> None:
+    seeds_ = [1, 2**64 - 1, 12345]
+    for index, out_features, in_features, rank in [(0, 64, 64, 1), (5, 90, 37, 2), (11, 1, 130, 3)]:
+        a, b = noise.population_factors(seeds_, index, out_features, in_features, rank)
+        for row, seed in enumerate(seeds_):
+            key_a, key_b = noise.stream_key(seed, index, noise.ROLE_LOWRANK_A), noise.stream_key(seed, index, noise.ROLE_LOWRANK_B)
+            assert torch.equal(a[row].flatten(), noise.rademacher(key_a, out_features * rank))
+            assert torch.equal(b[row].flatten(), noise.rademacher(key_b, in_features * rank))
+
+
 def test_population_antithetic_pairs() -> None:
     members = seeds.population(3, 10, 6, antithetic=True)
     assert [m.sign for m in members] == [1, -1, 1, -1, 1, -1]
