@@ -7,7 +7,7 @@ import hashlib
 import statistics
 import sys
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
@@ -91,35 +91,35 @@ def _require_little_endian() -> None:
         raise RuntimeError("swarmtune noise needs a little-endian host")
 
 
-def _rademacher_symbols(key: int, start: int, stop: int, device: torch.device) -> torch.Tensor:
-    """Bits start..stop-1 of the stream (bit j mod 64 of block j // 64), as int32 0/1."""
-    first_block, last_block = start // 64, (stop + 63) // 64
-    octets = hash_blocks(key, first_block, last_block - first_block, device).view(torch.uint8)
-    bits = (octets.unsqueeze(1) >> torch.arange(8, dtype=torch.uint8, device=device)).bitwise_and_(1).view(-1)
-    offset = start - first_block * 64
-    return bits[offset : offset + stop - start].to(torch.int32)
+# Stream symbols per 64-bit block: a Rademacher element takes one bit, a Gaussian one 16-bit field.
+SYMBOLS_PER_BLOCK = {"rademacher": 64, "gaussian": 4}
 
 
-def _gaussian_symbols(key: int, start: int, stop: int, device: torch.device) -> torch.Tensor:
-    """16-bit fields start..stop-1 of the stream (field j mod 4 of block j // 4), as int32 0..65535."""
-    first_block, last_block = start // 4, (stop + 3) // 4
-    fields = hash_blocks(key, first_block, last_block - first_block, device).view(torch.int16)
-    offset = start - first_block * 4
-    return fields[offset : offset + stop - start].to(torch.int32).bitwise_and_(0xFFFF)
+def _block_symbols(blocks: torch.Tensor, distribution: str) -> torch.Tensor:
+    """Every symbol of `blocks`, in stream order, as int32: bits LSB-first, or 16-bit fields 0..65535."""
+    if distribution == "rademacher":
+        shifts = torch.arange(8, dtype=torch.uint8, device=blocks.device)
+        return (blocks.view(torch.uint8).unsqueeze(-1) >> shifts).bitwise_and_(1).view(-1).to(torch.int32)
+    return blocks.view(torch.int16).to(torch.int32).bitwise_and_(0xFFFF).view(-1)
 
 
-def _lookup(symbols: Callable[[int, int, int, torch.device], torch.Tensor], key: int, numel: int, values: torch.Tensor) -> torch.Tensor:
-    _require_little_endian()  # fields are taken from blocks through dtype views, numbered LSB-first
+def _lookup(distribution: str, key: int, numel: int, values: torch.Tensor) -> torch.Tensor:
+    """values[symbol j] for j < numel of one stream, in bounded chunks."""
+    _require_little_endian()  # symbols are taken from blocks through dtype views, numbered LSB-first
+    per_block = SYMBOLS_PER_BLOCK[distribution]
     out = torch.empty(numel, dtype=values.dtype, device=values.device)
     for start in range(0, numel, CHUNK_ELEMENTS):
         stop = min(start + CHUNK_ELEMENTS, numel)
-        torch.index_select(values, 0, symbols(key, start, stop, values.device), out=out[start:stop])
+        first_block, last_block = start // per_block, (stop + per_block - 1) // per_block
+        symbols = _block_symbols(hash_blocks(key, first_block, last_block - first_block, values.device), distribution)
+        offset = start - first_block * per_block
+        torch.index_select(values, 0, symbols[offset : offset + stop - start], out=out[start:stop])
     return out
 
 
 def rademacher(key: int, numel: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """±1 as int8: element j is 1 - 2·(bit j mod 64 of block j // 64)."""
-    return _lookup(_rademacher_symbols, key, numel, noise_alphabet("rademacher", device))
+    return _lookup("rademacher", key, numel, noise_alphabet("rademacher", device))
 
 
 def _gaussian_table_values() -> list[int]:
@@ -143,7 +143,7 @@ def gaussian_table(device: str = "cpu") -> torch.Tensor:
 
 def gaussian(key: int, numel: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """Table Gaussian as int16: element j is TABLE[16-bit field j mod 4 of block j // 4]."""
-    return _lookup(_gaussian_symbols, key, numel, noise_alphabet("gaussian", device))
+    return _lookup("gaussian", key, numel, noise_alphabet("gaussian", device))
 
 
 def noise_alphabet(distribution: str, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -165,24 +165,18 @@ def dense_noise_map(seed: int, tensors: Sequence[tuple[int, int]], distribution:
     """
     if distribution not in DISTRIBUTIONS:
         raise ValueError(f"unknown noise distribution {distribution!r}")
-    symbols, per_block = (_rademacher_symbols, 64) if distribution == "rademacher" else (_gaussian_symbols, 4)
     if len(tensors) == 1:
         ((index, numel),) = tensors
-        return _lookup(symbols, stream_key(seed, index, ROLE_DENSE), numel, values)
+        return _lookup(distribution, stream_key(seed, index, ROLE_DENSE), numel, values)
     _require_little_endian()
-    device = values.device
+    device, per_block = values.device, SYMBOLS_PER_BLOCK[distribution]
     numels = [numel for _, numel in tensors]
     blocks = torch.tensor([(numel + per_block - 1) // per_block for numel in numels], dtype=torch.int64, device=device)
     keys = torch.tensor([stream_key(seed, index, ROLE_DENSE) for index, _ in tensors], dtype=torch.int64, device=device)
     first = torch.repeat_interleave(blocks.cumsum(0) - blocks, blocks)
     # Each tensor's blocks count 1, 2, ... under its own key, exactly as hash_blocks numbers them.
     z = torch.arange(1, first.numel() + 1, dtype=torch.int64, device=device).sub_(first)
-    z = _mix_(z.mul_(GOLDEN_GAMMA).add_(torch.repeat_interleave(keys, blocks)))
-    if distribution == "rademacher":
-        octets = z.view(torch.uint8)
-        every = (octets.unsqueeze(1) >> torch.arange(8, dtype=torch.uint8, device=device)).bitwise_and_(1).view(-1).to(torch.int32)
-    else:
-        every = z.view(torch.int16).to(torch.int32).bitwise_and_(0xFFFF)
+    every = _block_symbols(_mix_(z.mul_(GOLDEN_GAMMA).add_(torch.repeat_interleave(keys, blocks))), distribution)
     starts = [per_block * int(b) for b in (blocks.cumsum(0) - blocks).tolist()]
     kept = torch.cat([every[start : start + numel] for start, numel in zip(starts, numels)])
     return values.index_select(0, kept)
@@ -210,8 +204,8 @@ def rademacher_rows(keys: Sequence[int], numel: int, device: torch.device | str 
         return torch.empty(0, numel, dtype=torch.int8, device=device)
     blocks = torch.arange(1, (numel + 63) // 64 + 1, dtype=torch.int64, device=device).mul_(GOLDEN_GAMMA)
     z = _mix_(blocks.unsqueeze(0) + torch.tensor(list(keys), dtype=torch.int64, device=device).unsqueeze(1))
-    bits = (z.view(torch.uint8).unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8, device=device)).bitwise_and_(1)
-    return 1 - 2 * bits.view(len(keys), -1)[:, :numel].to(torch.int8)
+    bits = _block_symbols(z, "rademacher").view(len(keys), -1)[:, :numel]
+    return 1 - 2 * bits.to(torch.int8)
 
 
 def population_factors(
