@@ -96,6 +96,10 @@ def ensure_tiny(root: Path, recipe: TinyRecipe = TinyRecipe()) -> Path:
     target = tiny_dir(root)
     target.parent.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(target.parent / f"{TINY_NAME}.lock"):
+        # Scratch directories of builds that were killed (SIGKILL skips their cleanup); the lock
+        # means no build is running now.
+        for stale in target.parent.glob(f".{TINY_NAME}-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         if not is_built(target, recipe):
             build_atomically(target, recipe)
     verify_manifest(target)

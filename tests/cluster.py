@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator, Protocol
 import pytest
 
 from swarmtune import entries, identity, ledgerfile
+from swarmtune.cli.demo_cluster import child_env
 from swarmtune.entries import Iteration, Signed
 from tests.tcp_proxy import TcpProxy
 from tests.zygote import Zygote
@@ -70,18 +71,6 @@ redundancy = {redundancy}
 attest_every = 1
 
 {retention}"""
-
-
-def child_env() -> dict[str, str]:
-    """One torch thread per process (2 cores run a coordinator and 3 workers), no hub, no progress bars."""
-    return {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "MKL_NUM_THREADS": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "HF_HUB_OFFLINE": "1",
-        "PYTHONUNBUFFERED": "1",
-    }
 
 
 def parse_events(text: str) -> list[Event]:

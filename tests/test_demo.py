@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -33,29 +34,50 @@ RUN_TIMEOUT_S = 240.0
 STOP_TIMEOUT_S = 90.0
 
 
-Launch = Callable[..., "subprocess.Popen[str]"]
+@dataclass
+class Demo:
+    """A running `swarmtune demo`; its output goes to files, so a chatty build (the model's progress
+    bar on a fresh cache) can never fill a pipe nobody reads and stall the demo."""
+
+    process: subprocess.Popen[bytes]
+    out: Path
+    err: Path
+
+    def finish(self, timeout: float) -> tuple[str, str]:
+        """Wait for the exit; the whole stdout and stderr."""
+        self.process.wait(timeout)
+        return self.out.read_text(errors="replace"), self.err.read_text(errors="replace")
+
+    def stop(self) -> None:
+        """Interrupt (so it stops its own children), then kill if it lingers."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+Launch = Callable[..., Demo]
 
 
 @pytest.fixture
-def demo() -> Iterator[Launch]:
+def demo(tmp_path: Path) -> Iterator[Launch]:
     """Starts `swarmtune demo --workdir DIR` with the small settings; a demo a failed test left running is
     interrupted (so it stops its own children) and then killed."""
-    started: list[subprocess.Popen[str]] = []
+    started: list[Demo] = []
 
-    def launch(workdir: Path, *args: str) -> subprocess.Popen[str]:
+    def launch(workdir: Path, *args: str) -> Demo:
         command = [sys.executable, "-m", "swarmtune", "demo", "--workdir", str(workdir), *SMALL, *args]
-        started.append(subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        out, err = tmp_path / f"demo-{len(started)}.out", tmp_path / f"demo-{len(started)}.err"
+        with out.open("wb") as stdout, err.open("wb") as stderr:
+            started.append(Demo(subprocess.Popen(command, cwd=ROOT, stdout=stdout, stderr=stderr), out, err))
         return started[-1]
 
     yield launch
-    for process in started:
-        if process.poll() is None:
-            process.send_signal(signal.SIGINT)
-            try:
-                process.communicate(timeout=STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.communicate()
+    for running in started:
+        running.stop()
 
 
 def descendants(root: int) -> set[int]:
@@ -83,17 +105,17 @@ def alive(pid: int) -> bool:
         return False
 
 
-def wait_for_iterations(workdir: Path, process: subprocess.Popen[str], count: int) -> None:
+def wait_for_iterations(workdir: Path, demo: Demo, count: int) -> None:
     """Until the coordinator has closed `count` iterations (its JSON log says so)."""
     log = workdir / "coordinator.log"
     deadline = time.monotonic() + RUN_TIMEOUT_S
-    while time.monotonic() < deadline and process.poll() is None:
+    while time.monotonic() < deadline and demo.process.poll() is None:
         text = log.read_text(errors="replace") if log.exists() else ""
         if text.count('"event": "iteration closed"') >= count:
             return
         time.sleep(0.2)
-    process.kill()
-    pytest.fail(f"the demo closed fewer than {count} iterations (exit {process.poll()}):\n{process.communicate()[1][-3000:]}")
+    demo.process.kill()
+    pytest.fail(f"the demo closed fewer than {count} iterations (exit {demo.process.wait()}):\n{demo.finish(0)[1][-3000:]}")
 
 
 def test_default_job_is_the_example_file() -> None:
@@ -112,22 +134,22 @@ def test_flags_change_the_job() -> None:
 @pytest.mark.slow
 def test_ctrl_c_stops_every_process_and_a_rerun_resumes(tmp_path: Path, demo: Launch) -> None:
     workdir, summary_file = tmp_path / "work", tmp_path / "summary.json"
-    process = demo(workdir)
-    wait_for_iterations(workdir, process, 1)
-    children = descendants(process.pid)
+    running = demo(workdir)
+    wait_for_iterations(workdir, running, 1)
+    children = descendants(running.process.pid)
     assert len(children) >= 4, "a coordinator, its Redis and two workers"
-    process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=STOP_TIMEOUT_S)
-    assert process.returncode == 130, err[-3000:]
+    running.process.send_signal(signal.SIGINT)
+    _, err = running.finish(STOP_TIMEOUT_S)
+    assert running.process.returncode == 130, err[-3000:]
     assert "the ledger" in err and f"--workdir {workdir}" in err
     assert not [pid for pid in children if alive(pid)]
     with open_store(None, workdir / "redis") as store:
         report = ledger.verify_chain(list(store.read("demo")))
     assert report.problem is None and 1 <= report.kinds.get("iteration", 0) < ITERATIONS
 
-    process = demo(workdir, "--summary", str(summary_file), "--json")
-    out, err = process.communicate(timeout=RUN_TIMEOUT_S)
-    assert process.returncode == 0, err[-3000:]
+    rerun = demo(workdir, "--summary", str(summary_file), "--json")
+    out, err = rerun.finish(RUN_TIMEOUT_S)
+    assert rerun.process.returncode == 0, err[-3000:]
     summary = json.loads(summary_file.read_text())
     assert json.loads(out) == summary
     assert SUMMARY_KEYS <= set(summary)

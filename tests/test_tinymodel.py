@@ -91,6 +91,15 @@ def test_interrupted_build_leaves_no_model(tmp_path: Path, monkeypatch: pytest.M
     assert [path.name for path in tiny_dir(tmp_path).parent.iterdir()] == [f"{TINY_NAME}.lock"]
 
 
+def test_scratch_of_a_killed_build_is_removed(reduced_build: Path, tmp_path: Path) -> None:
+    root = cached_copy(reduced_build, tmp_path)
+    scratch = tiny_dir(root).parent / f".{TINY_NAME}-killed"  # what a SIGKILLed build leaves behind
+    scratch.mkdir()
+    (scratch / "tokenizer.json").write_text("{}")
+    ensure_tiny(root, REDUCED)
+    assert {path.name for path in tiny_dir(root).parent.iterdir()} == {TINY_NAME, f"{TINY_NAME}.lock"}
+
+
 def test_a_build_of_another_recipe_is_replaced(reduced_build: Path, tmp_path: Path) -> None:
     rebuilt = ensure_tiny(cached_copy(reduced_build, tmp_path), dataclasses.replace(REDUCED, max_steps=20))
     assert read_manifest(rebuilt)["pretraining"]["steps"] == 20

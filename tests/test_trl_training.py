@@ -19,10 +19,13 @@ from tests.cluster import Cluster
 pytestmark = pytest.mark.slow
 
 REWARD_REF = f"{Path(trl_reward_example.__file__)}:accuracy_reward"
-ITERATIONS = 10
+ITERATIONS = 20
 PROMPTS = 128
-HELD_OUT = 300
-MIN_GAIN = 0.03  # the demo's partial-credit reward gains ~0.12 in 10 iterations; this binary one less
+HELD_OUT = 500  # the whole held-out split: a gain of a few points must stand above sampling noise
+# A binary reward is a weak signal; how fast it moves builtin:tiny depends on the build (float
+# backprop, so the CPU it was built on): 0.397 -> 0.527 in 10 iterations on one build, 0.440 ->
+# 0.474 in 20 with a population of 60 on another.
+MIN_GAIN = 0.02
 
 
 def write_rows(path: Path, examples: list[Example]) -> Path:
@@ -45,7 +48,7 @@ max_new_tokens = 4
 options = {{ data = "{data}", held_out_data = "{held_out}", reward_range = [0.0, 1.0] }}
 
 [es]
-population = 30
+population = 60
 sigma = 0.01
 alpha = 0.01
 antithetic = true

@@ -157,6 +157,12 @@ async def start(
     """Admit --admit keys and start serving gRPC; `job.start()` then resumes or opens an iteration."""
     chain = Chain(store, key, history)
     _admit(chain, options.admit)
+    admitted = len(chain.history.admitted - chain.history.revoked)
+    if not options.open_enrollment and options.min_workers > admitted:
+        raise ServerError(
+            f"--min-workers {options.min_workers} can never be met: only {admitted} workers are admitted; "
+            "admit more with --admit, use --open-enrollment, or lower --min-workers"
+        )
     metrics = Metrics()
     job = Job(spec, store, key, chain, reward_range, options.open_enrollment, options.limits, metrics, options.min_workers)
     server = grpc.aio.server(options=grpc_options(), maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS)
