@@ -12,6 +12,7 @@ from torch import nn
 
 from swarmtune.fixedpoint import derive
 from swarmtune.noise import NoiseConfig, population_factors
+from swarmtune.noisecache import NoiseCache
 from swarmtune.seeds import MemberNoise
 from swarmtune.shaping import COEFFICIENT_BITS, sigma_integer
 from swarmtune.state import MasterState, TensorSpec, write_weights
@@ -129,11 +130,16 @@ def mean_reward(
 
 
 def perturbed_weights(
-    state: MasterState, member: MemberNoise, sigma_int: int, noise: NoiseConfig, dtype: torch.dtype
+    state: MasterState,
+    member: MemberNoise,
+    sigma_int: int,
+    noise: NoiseConfig,
+    dtype: torch.dtype,
+    cache: NoiseCache | None = None,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """(index, derive(Q + integer perturbation)) of each tensor a member moves: its weights come from
     the master, never from a float add."""
-    for index, delta in member_deltas(state, member, sigma_int, noise):
+    for index, delta in member_deltas(state, member, sigma_int, noise, cache):
         spec = state.specs[index]
         yield index, derive(delta.add_(state.q[index]), spec.exponent, dtype)
 
@@ -200,6 +206,7 @@ class HFEvaluator:
     """Evaluates ES members on a Hugging Face causal LM whose weights are derived from a master state.
 
     Call set_center after the master state changes (for example after an update was applied).
+    `noise_cache` keeps each seed's dense noise for its antithetic twin and the update that follows.
     """
 
     def __init__(
@@ -211,6 +218,7 @@ class HFEvaluator:
         sigma: float,
         device: torch.device | str,
         max_rows: int | None = None,
+        noise_cache: NoiseCache | None = None,
     ) -> None:
         if max_rows is not None and max_rows < 1:
             raise ValueError(f"max_rows must be at least 1, got {max_rows}")
@@ -220,23 +228,39 @@ class HFEvaluator:
         self.sigma_int = sigma_integer(sigma)
         self.device = torch.device(device)
         self.max_rows = max_rows
+        self.noise_cache = noise_cache
         self.stop_ids = stop_token_ids(model, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
+        self.state = state.to(self.device)
+        write_weights(model, self.state)  # frozen tensors keep these for good
+        self.trainable = tuple(
+            (index, spec, model.get_parameter(spec.name)) for index, spec in enumerate(self.state.specs) if spec.treatment != "frozen"
+        )
         self.set_center(state)
 
     def set_center(self, state: MasterState) -> None:
-        """Write the derived weights of `state` and cache them, so restoring is an exact copy."""
+        """Evaluate around `state` from now on. Its derived weights are written when a generation needs
+        them: dense members never do (each writes every trainable tensor), so a dense worker skips it."""
         self.state = state.to(self.device)
-        write_weights(self.model, self.state)
-        self.trainable = tuple(
-            (index, spec, self.model.get_parameter(spec.name))
-            for index, spec in enumerate(self.state.specs)
-            if spec.treatment != "frozen"
-        )
-        self.center = tuple(param.detach().clone() for _, _, param in self.trainable)
+        self._center: tuple[torch.Tensor, ...] | None = None  # derived once per center, then copied
+        self._center_shown = False
+
+    def _show_center(self) -> None:
+        """The center's derived weights in the model (after members, an exact copy of the cached ones)."""
+        if self._center_shown:
+            return
+        with torch.no_grad():
+            if self._center is None:
+                self._center = tuple(
+                    derive(self.state.q[index], spec.exponent, param.dtype).view(param.shape) for index, spec, param in self.trainable
+                )
+            for (_, _, param), weights in zip(self.trainable, self._center):
+                param.copy_(weights)
+        self._center_shown = True
 
     def generate(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
         """Greedy completions of the center model (completion text only)."""
+        self._show_center()
         return self._completions(encode_prompts(self.tokenizer, prompts, self.device), max_new_tokens)
 
     def evaluate(
@@ -262,31 +286,24 @@ class HFEvaluator:
         return [mean_reward(reward_fn, prompts, texts, columns) for texts in completions]
 
     def _completions(self, batch: PromptBatch, max_new_tokens: int) -> list[str]:
+        """Greedy completions of whatever weights the model holds now."""
         tokens = greedy_tokens(self.model, batch, max_new_tokens, self.stop_ids, self.pad_id)
         return decode_completions(self.tokenizer, tokens, self.stop_ids)
 
     def _member_completions(self, member: MemberNoise, batch: PromptBatch, max_new_tokens: int) -> list[str]:
-        with self._perturbed(member):
-            return self._completions(batch, max_new_tokens)
-
-    @contextlib.contextmanager
-    def _perturbed(self, member: MemberNoise) -> Iterator[None]:
-        """The member's derived weights in the model; the cached center copied back on exit."""
-        try:
-            with torch.no_grad():
-                params = {index: param for index, _, param in self.trainable}
-                for index, weight in perturbed_weights(self.state, member, self.sigma_int, self.noise, torch.float32):
-                    params[index].copy_(weight)  # float32 -> the parameter's dtype: derive's last rounding
-            yield
-        finally:
-            with torch.no_grad():
-                for (_, _, param), center in zip(self.trainable, self.center):
-                    param.copy_(center)
+        """The member's derived weights written over every trainable tensor, then its completions."""
+        self._center_shown = False  # from the first write on, the model holds no center
+        params = {index: param for index, _, param in self.trainable}
+        with torch.no_grad():
+            for index, weight in perturbed_weights(self.state, member, self.sigma_int, self.noise, torch.float32, self.noise_cache):
+                params[index].copy_(weight)  # float32 -> the parameter's dtype: derive's last rounding
+        return self._completions(batch, max_new_tokens)
 
     def _batched_completions(
         self, members: Sequence[MemberNoise], batch: PromptBatch, max_new_tokens: int
     ) -> list[list[str]]:
         """All members in one greedy generation (chunked by whole members when max_rows is set)."""
+        self._show_center()
         dtype = self.trainable[0][2].dtype
         deltas = lowrank_deltas(self.state, members, self.sigma_int, self.noise, dtype, self.device)
         per_chunk = max(1, self.max_rows // batch.rows) if self.max_rows else len(members)

@@ -7,7 +7,7 @@ import math
 from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from types import MappingProxyType
-from typing import Any, Callable, Iterable, Mapping, cast
+from typing import Any, Callable, Collection, Iterable, Mapping, cast
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -25,6 +25,10 @@ from swarmtune.entries import (
 )
 
 OTHER_HEAD = "bound to another ledger head than the one the iteration opened at"
+
+# (body, signature) pairs of records the verifying party signed itself: a worker's own results, whose
+# signatures it made and need not check again. Everything else about them is still checked.
+Vouched = Collection[tuple[bytes, bytes]]
 
 
 class LedgerError(Exception):
@@ -62,7 +66,7 @@ def _worker_problem(state: ChainState, worker_key: bytes) -> str | None:
     return f"worker {identity.fingerprint(worker_key)} is not admitted"
 
 
-def _signed_problem(state: ChainState, signed: Signed[Any], iteration: int) -> str | None:
+def _signed_problem(state: ChainState, signed: Signed[Any], iteration: int, vouched: Vouched = ()) -> str | None:
     """Problems every worker-signed record can have; the signature is checked last (costliest)."""
     record = signed.record
     problem = _worker_problem(state, record.worker_key)
@@ -72,7 +76,7 @@ def _signed_problem(state: ChainState, signed: Signed[Any], iteration: int) -> s
         return f"bound to job {record.job_id!r}, not {state.job_id!r}"
     if record.iteration != iteration:
         return f"bound to iteration {record.iteration}, not {iteration}"
-    if not entries.verify_record(signed, state.admitted[record.worker_key]):
+    if (signed.body, signed.signature) not in vouched and not entries.verify_record(signed, state.admitted[record.worker_key]):
         return "worker signature invalid"
     return None
 
@@ -89,13 +93,15 @@ def _records_problem(
 
 
 def result_problem(
-    state: ChainState, signed: Signed[WorkerResult], iteration: int, opened_head: bytes, seeds: Mapping[int, int]
+    state: ChainState,
+    signed: Signed[WorkerResult],
+    iteration: int,
+    opened_head: bytes,
+    seeds: Mapping[int, int],
+    vouched: Vouched = (),
 ) -> str | None:
-    """Why a signed result does not belong to this iteration (None if it does).
-
-    `seeds` maps each member of the iteration to its seed. The coordinator calls this on every
-    submission; the verifier calls it on every recorded result.
-    """
+    """Why a signed result does not belong to this iteration (None if it does); `seeds` maps each
+    member of the iteration to its seed."""
     result = signed.record
     if result.member not in seeds:
         return f"member {result.member} is not in the iteration"
@@ -105,7 +111,7 @@ def result_problem(
         return OTHER_HEAD
     if not math.isfinite(result.reward):
         return f"reward {result.reward} is not finite"
-    return _signed_problem(state, signed, iteration)
+    return _signed_problem(state, signed, iteration, vouched)
 
 
 def _member_problem(iteration: Iteration) -> str | None:
@@ -131,7 +137,7 @@ def _reward_problem(iteration: Iteration, measured: Mapping[int, list[float]]) -
     return None
 
 
-def _iteration_problem(state: ChainState, iteration: Iteration) -> str | None:
+def _iteration_problem(state: ChainState, iteration: Iteration, vouched: Vouched) -> str | None:
     expected = state.last_iteration + 1
     if iteration.iteration != expected:
         return f"iteration {iteration.iteration}, expected {expected}"
@@ -148,7 +154,7 @@ def _iteration_problem(state: ChainState, iteration: Iteration) -> str | None:
         if (result.worker_key, result.member) in seen:
             return f"result {i}: a second result from the same worker for member {result.member}"
         seen.add((result.worker_key, result.member))
-        problem = result_problem(state, signed, iteration.iteration, iteration.opened_head, seeds)
+        problem = result_problem(state, signed, iteration.iteration, iteration.opened_head, seeds, vouched)
         if problem:
             return f"result {i}: {problem}"
         measured.setdefault(result.member, []).append(result.reward)
@@ -248,9 +254,9 @@ def start(stored: bytes, coordinator_key: bytes | None = None) -> tuple[ChainSta
     return state, entry
 
 
-def _body_problem(state: ChainState, body: entries.Body) -> str | None:
+def _body_problem(state: ChainState, body: entries.Body, vouched: Vouched) -> str | None:
     if isinstance(body, Iteration):
-        return _iteration_problem(state, body)
+        return _iteration_problem(state, body, vouched)
     if isinstance(body, Admission):
         if body.worker_key in state.admitted:
             return f"worker {identity.fingerprint(body.worker_key)} is already admitted"
@@ -281,7 +287,7 @@ def _after(state: ChainState, entry: StoredEntry) -> ChainState:
     return opened
 
 
-def _entry_problem(state: ChainState, entry: StoredEntry) -> str | None:
+def _entry_problem(state: ChainState, entry: StoredEntry, vouched: Vouched) -> str | None:
     index = state.next_index
     if entry.entry.index != index:
         return f"has index {entry.entry.index} at position {index} (an entry is missing, repeated or moved)"
@@ -291,13 +297,14 @@ def _entry_problem(state: ChainState, entry: StoredEntry) -> str | None:
         return f"belongs to job {entry.entry.job_id!r}, not {state.job_id!r}"
     if not entries.verify_seal(entry, state.coordinator_key):
         return "coordinator signature invalid"
-    return _body_problem(state, entry.entry.body)
+    return _body_problem(state, entry.entry.body, vouched)
 
 
-def advance(state: ChainState, stored: bytes) -> tuple[ChainState, StoredEntry]:
-    """Check the entry that follows `state`; raises LedgerError naming what is wrong."""
+def advance(state: ChainState, stored: bytes, vouched: Vouched = ()) -> tuple[ChainState, StoredEntry]:
+    """Check the entry that follows `state`; raises LedgerError naming what is wrong. Signatures in
+    `vouched` (the caller's own) are taken as made; they must still match their records exactly."""
     entry = _parse(stored, state.next_index)
-    problem = _entry_problem(state, entry)
+    problem = _entry_problem(state, entry, vouched)
     if problem:
         raise LedgerError(state.next_index, entry.kind, problem)
     return _after(state, entry), entry

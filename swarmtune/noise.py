@@ -155,6 +155,12 @@ def noise_alphabet(distribution: str, device: torch.device | str = "cpu") -> tor
     raise ValueError(f"unknown noise distribution {distribution!r}")
 
 
+@functools.lru_cache(maxsize=None)
+def noise_bound(distribution: str) -> int:
+    """The largest |E| a dense noise element can take (1, or the Gaussian table's extreme)."""
+    return int(noise_alphabet(distribution).abs().max().item())
+
+
 def dense_noise_map(seed: int, tensors: Sequence[tuple[int, int]], distribution: str, values: torch.Tensor) -> torch.Tensor:
     """values[symbol] for each element of the dense noise of `tensors` ((index, numel) pairs),
     concatenated: f(E) for any elementwise f by mapping the alphabet once (values =

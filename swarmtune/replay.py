@@ -12,6 +12,7 @@ from swarmtune import entries, ledger
 from swarmtune.entries import Genesis, Iteration, StoredEntry
 from swarmtune.jobspec import JobSpec, parse_job_spec
 from swarmtune.noise import NoiseConfig
+from swarmtune.noisecache import NoiseCache
 from swarmtune.state import MasterState, TensorSpec, master_from_model, state_hash
 from swarmtune.update import IterationUpdate, apply_iteration_, decay_integer
 
@@ -97,11 +98,11 @@ class Replica:
         self.state = base.clone()
         self.iteration = 0
 
-    def apply(self, iteration: Iteration) -> None:
-        """Apply the next iteration exactly (in place)."""
+    def apply(self, iteration: Iteration, cache: NoiseCache | None = None) -> None:
+        """Apply the next iteration exactly (in place); `cache` may hold noise drawn for its members."""
         if iteration.iteration != self.iteration + 1:
             raise ReplayError(f"iteration {iteration.iteration} cannot follow iteration {self.iteration}; replay in ledger order")
-        apply_iteration_(self.state, iteration_update(iteration), self.params.noise, self.base, self.params.decay)
+        apply_iteration_(self.state, iteration_update(iteration), self.params.noise, self.base, self.params.decay, cache)
         self.iteration = iteration.iteration
 
     def state_hash(self) -> bytes:

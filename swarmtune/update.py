@@ -9,7 +9,8 @@ from typing import Callable, Iterable, Iterator, Mapping, Sequence
 import torch
 
 from swarmtune.fixedpoint import FixedPointOverflow, check_range, rne_shift
-from swarmtune.noise import GAUSSIAN_SCALE_BITS, NoiseConfig, dense_noise_map, noise_alphabet, population_factors
+from swarmtune.noise import GAUSSIAN_SCALE_BITS, NoiseConfig, dense_noise_map, noise_alphabet, noise_bound, population_factors
+from swarmtune.noisecache import NoiseCache
 from swarmtune.seeds import MemberNoise
 from swarmtune.shaping import COEFFICIENT_BITS
 from swarmtune.state import MasterState, TensorSpec
@@ -87,7 +88,12 @@ def dense_shift(spec: TensorSpec, noise: NoiseConfig) -> int:
 
 
 def tensor_delta(
-    spec: TensorSpec, tensor_index: int, weights: Mapping[int, int], noise: NoiseConfig, device: torch.device
+    spec: TensorSpec,
+    tensor_index: int,
+    weights: Mapping[int, int],
+    noise: NoiseConfig,
+    device: torch.device,
+    cache: NoiseCache | None = None,
 ) -> torch.Tensor:
     """round_half_even(Σ_seed w_seed·E_seed / 2^(C + bits - F)) for one tensor, int64, flat."""
     shift = dense_shift(spec, noise)
@@ -101,27 +107,43 @@ def tensor_delta(
         scale = lowrank_scale(noise.rank)
         w = torch.tensor([weights[s] * scale for s in seeds for _ in range(noise.rank)], dtype=torch.int64, device=device)
         return rne_shift(exact_outer_sum(w, a, b), shift).view(-1)
-    return dense_delta([(tensor_index, spec.numel)], weights, noise.distribution, shift, device)
+    return dense_delta([(tensor_index, spec.numel)], weights, noise.distribution, shift, device, cache)
 
 
 def dense_delta(
-    tensors: Sequence[tuple[int, int]], weights: Mapping[int, int], distribution: str, shift: int, device: torch.device
+    tensors: Sequence[tuple[int, int]],
+    weights: Mapping[int, int],
+    distribution: str,
+    shift: int,
+    device: torch.device,
+    cache: NoiseCache | None = None,
 ) -> torch.Tensor:
     """round_half_even(Σ_seed w_seed·E_seed / 2^shift) of dense `tensors` ((index, numel) pairs), concatenated."""
+    # rne_shift needs |x| <= 2^62; bounding the sum up front also keeps it from wrapping int64.
+    if sum(abs(w) for w in weights.values()) * noise_bound(distribution) > 1 << 62:
+        raise FixedPointOverflow(f"dense update of {len(weights)} seeds with coefficients up to {max(map(abs, weights.values()))} exceeds int64")
     if len(weights) == 1:  # one member's perturbation: the rounding is elementwise too
         ((seed, weight),) = weights.items()
-        return mapped_noise(seed, tensors, distribution, device, lambda e: rne_shift(e * weight, shift))
+        return mapped_noise(seed, tensors, distribution, device, lambda e: rne_shift(e * weight, shift), cache)
     total = torch.zeros(sum(numel for _, numel in tensors), dtype=torch.int64, device=device)
     for seed, weight in weights.items():
-        total += mapped_noise(seed, tensors, distribution, device, lambda e: e * weight)
+        total += mapped_noise(seed, tensors, distribution, device, lambda e: e * weight, cache)
     return rne_shift(total, shift)
 
 
 def mapped_noise(
-    seed: int, tensors: Sequence[tuple[int, int]], distribution: str, device: torch.device, f: Callable[[torch.Tensor], torch.Tensor]
+    seed: int,
+    tensors: Sequence[tuple[int, int]],
+    distribution: str,
+    device: torch.device,
+    f: Callable[[torch.Tensor], torch.Tensor],
+    cache: NoiseCache | None = None,
 ) -> torch.Tensor:
-    """f(E) for an elementwise integer map f of the dense noise E (int64) of `tensors`, concatenated;
-    f maps the noise alphabet (2 or 65,536 values) instead of the elements when there are more elements."""
+    """f(E) for an elementwise integer map f of the dense noise E (int64) of `tensors`, concatenated.
+    Drawn afresh, f maps the noise alphabet (2 or 65,536 values) instead of the elements when there
+    are more elements; from a cache (E drawn once for every use in an iteration), f maps E itself."""
+    if cache is not None:
+        return f(cache.noise(seed, tensors, distribution, device).to(torch.int64))
     alphabet = noise_alphabet(distribution, device)
     if sum(numel for _, numel in tensors) > alphabet.numel():
         return dense_noise_map(seed, tensors, distribution, f(alphabet.to(torch.int64)))
@@ -129,7 +151,7 @@ def mapped_noise(
 
 
 def state_deltas(
-    state: MasterState, weights: Mapping[int, int], noise: NoiseConfig
+    state: MasterState, weights: Mapping[int, int], noise: NoiseConfig, cache: NoiseCache | None = None
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """(index, flat ΔQ) of every tensor that moves, in order: tensor_delta's values, with the small dense
     tensors of each rounding shift generated together (for them, per-call overhead is the cost)."""
@@ -140,11 +162,11 @@ def state_deltas(
     small: dict[int, torch.Tensor] = {}
     for (shift, device), indices in groups.items():
         tensors = [(index, state.specs[index].numel) for index in indices]
-        flat = dense_delta(tensors, weights, noise.distribution, shift, device)
+        flat = dense_delta(tensors, weights, noise.distribution, shift, device, cache)
         small.update(zip(indices, flat.split([numel for _, numel in tensors])))
     for index, (spec, q) in enumerate(zip(state.specs, state.q)):
         if spec.treatment != "frozen":
-            yield index, small.pop(index) if index in small else tensor_delta(spec, index, weights, noise, q.device)
+            yield index, small.pop(index) if index in small else tensor_delta(spec, index, weights, noise, q.device, cache)
 
 
 def apply_iteration_(
@@ -153,6 +175,7 @@ def apply_iteration_(
     noise: NoiseConfig,
     base: MasterState | None = None,
     decay: int = 0,
+    cache: NoiseCache | None = None,
 ) -> None:
     """Q <- Q + ΔQ - round_half_even((Q - Q_base)·decay / 2^24), in place, tensor by tensor.
 
@@ -161,7 +184,7 @@ def apply_iteration_(
     if decay and base is None:
         raise ValueError("anchored decay needs the base state")
     weights = seed_weights(update.members, update.coefficients)
-    for index, delta in state_deltas(state, weights, noise):
+    for index, delta in state_deltas(state, weights, noise, cache):
         spec, q = state.specs[index], state.q[index]
         delta = delta.view(q.shape)
         if decay:
@@ -175,9 +198,11 @@ def apply_iteration_(
         q.copy_(updated)
 
 
-def member_deltas(state: MasterState, member: MemberNoise, sigma: int, noise: NoiseConfig) -> Iterator[tuple[int, torch.Tensor]]:
+def member_deltas(
+    state: MasterState, member: MemberNoise, sigma: int, noise: NoiseConfig, cache: NoiseCache | None = None
+) -> Iterator[tuple[int, torch.Tensor]]:
     """(index, integer perturbation σ·sign·E shaped like the tensor) of every tensor a member moves."""
-    for index, delta in state_deltas(state, {member.seed: member.sign * sigma}, noise):
+    for index, delta in state_deltas(state, {member.seed: member.sign * sigma}, noise, cache):
         yield index, delta.view(state.specs[index].shape)
 
 

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 from swarmtune.cli import main
 from swarmtune.worker import backend as backends
 from swarmtune.jobspec import JobSpec
+from swarmtune.noisecache import NoiseCache
 from swarmtune.seeds import MemberNoise
 from swarmtune.state import MasterState
 from swarmtune.tasks.base import Example, RewardFn
@@ -34,8 +35,8 @@ class Fabricating:
         return self.inner.generate(prompts, max_new_tokens)
 
 
-def fabricating_backend(model: Any, tokenizer: Any, state: MasterState, spec: JobSpec, device: str) -> Backend:
-    return Fabricating(hf_backend(model, tokenizer, state, spec, device))
+def fabricating_backend(model: Any, tokenizer: Any, state: MasterState, spec: JobSpec, device: str, noise_cache: NoiseCache) -> Backend:
+    return Fabricating(hf_backend(model, tokenizer, state, spec, device, noise_cache))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import pytest
 
 from swarmtune import entries, identity, ledger
 from swarmtune.coordinator.job import Limits
+from swarmtune.coordinator.server import ServerError
 from swarmtune.entries import Iteration, RetentionReport
 from swarmtune.join import join_request
 from swarmtune.store import LedgerStore, connect
@@ -90,6 +91,15 @@ def test_the_first_iteration_waits_for_min_workers(store: LedgerStore, job_id: s
     run(scenario)
 
 
+def test_min_workers_beyond_the_admitted_is_refused_at_start(store: LedgerStore, job_id: str) -> None:
+    async def scenario() -> None:
+        with pytest.raises(ServerError, match="--min-workers 3 can never be met: only 2 workers are admitted"):
+            async with with_workers(store, spec_text(job_id), 2, min_workers=3):
+                pass
+
+    run(scenario)
+
+
 def test_each_bad_result_gets_its_reason_and_good_ones_still_count(store: LedgerStore, job_id: str) -> None:
     async def body(c: InProcess, workers: list[SimWorker]) -> None:
         a, b = workers
@@ -136,6 +146,42 @@ def test_each_bad_result_gets_its_reason_and_good_ones_still_count(store: Ledger
     first = iteration_entries(store, job_id)[0]
     assert len(first.results) == 6 and len({r.record.member for r in first.results}) == 6
     assert 0.25 in first.rewards
+
+
+def test_the_submission_that_completes_an_iteration_is_acknowledged_once_its_entry_is_stored(store: LedgerStore, job_id: str) -> None:
+    async def body(c: InProcess, workers: list[SimWorker]) -> None:
+        (a,) = workers
+        opened = await opened_iteration(a, 1)
+        *first, last = opened.assigned
+        assert set(reasons(await a.submit([a.result(opened, m) for m in first]))) == {"ACCEPTED"}
+        assert iteration_entries(store, job_id) == []
+        assert reasons(await a.submit([a.result(opened, last)])) == ["ACCEPTED"]
+        (entry,) = iteration_entries(store, job_id)  # in Redis before the reply: nothing acknowledged is lost
+        assert sorted(r.record.member for r in entry.results) == sorted(opened.assigned)
+
+    run(lambda: joined(store, job_id, 1, body, iterations=2))
+
+
+def test_a_close_that_cannot_be_stored_acknowledges_nothing(store: LedgerStore, job_id: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from swarmtune.store import StoreError
+
+    async def body(c: InProcess, workers: list[SimWorker]) -> None:
+        (a,) = workers
+        opened = await opened_iteration(a, 1)
+
+        def redis_gone(*args: object, **kwargs: object) -> None:
+            raise StoreError("Redis at the test's URL is unreachable")
+
+        monkeypatch.setattr(c.job._chain, "append", redis_gone)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await a.submit([a.result(opened, m) for m in opened.assigned])
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "nothing was acknowledged" in (info.value.details() or "")
+        assert c.runner is not None
+        with pytest.raises(StoreError):  # the coordinator stops; a restart resumes from Redis
+            await c.runner
+
+    run(lambda: joined(store, job_id, 1, body, iterations=2))
+    assert iteration_entries(store, job_id) == []
 
 
 def test_whole_call_refusals(store: LedgerStore, job_id: str) -> None:

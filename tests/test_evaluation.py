@@ -145,6 +145,7 @@ def test_dense_perturb_restore_is_byte_exact(loaded: tuple[Any, Any]) -> None:
     members = [MemberNoise(member=m, seed=1000 + m // 2, sign=1 - 2 * (m % 2)) for m in range(100)]
     rewards = ev.evaluate(members, EXAMPLES[:1], lambda p, c, **_: [float(len(c[0]))], 1)
     assert len(rewards) == 100
+    ev.generate([EXAMPLES[0].prompt], 1)  # the center again, after 100 members wrote their weights
     assert parameter_bytes(model) == before
     for spec, q in zip(ev.state.specs, ev.state.q):
         derived = derive(q, spec.exponent, torch.float32).numpy().tobytes()
@@ -204,5 +205,6 @@ def test_set_center_writes_the_new_state(loaded: tuple[Any, Any]) -> None:
     moved = MasterState(ev.state.specs, tuple(q + 1 for q in ev.state.q))
     ev.set_center(moved)
     ev.evaluate(population(2, 0, 2, antithetic=True), EXAMPLES[:1], lambda p, c, **_: [0.0], 2)
+    ev.generate([EXAMPLES[0].prompt], 2)  # the center again, after the members left their weights
     for spec, q in zip(moved.specs, moved.q):
         assert torch.equal(model.get_parameter(spec.name).detach(), derive(q, spec.exponent, torch.float32))

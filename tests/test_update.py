@@ -126,6 +126,14 @@ def test_overflow_raises_a_clear_error() -> None:
         update.apply_iteration_(state, update.IterationUpdate(members, (2**53,)), NoiseConfig("dense", "rademacher"))
 
 
+@pytest.mark.parametrize("distribution", ["rademacher", "gaussian"])
+def test_dense_sum_that_would_wrap_int64_raises(distribution: str) -> None:
+    state = single_tensor_state("dense", (3, 3))
+    members = population(1, 0, 4, antithetic=False)
+    with pytest.raises(FixedPointOverflow, match="exceeds int64"):
+        update.apply_iteration_(state, update.IterationUpdate(members, (2**61,) * 4), NoiseConfig("dense", distribution))
+
+
 def test_mismatched_lengths_are_refused() -> None:
     with pytest.raises(ValueError, match="coefficients"):
         update.seed_weights(population(1, 0, 2, False), (1,))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from swarmtune.cli import CommandError, positive_int
+from swarmtune.cli import CommandError, non_negative_int, positive_int
 from swarmtune.worker.config import BACKENDS, DEVICES
 
 
@@ -17,6 +17,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-ca", type=Path, help="CA certificate (PEM) to verify the coordinator over TLS")
     parser.add_argument("--model", help="local directory of the job's base model (default: the model the job names)")
     parser.add_argument("--capacity", type=positive_int, default=16, help="members to evaluate per iteration (default 16)")
+    parser.add_argument(
+        "--noise-cache-mb", type=non_negative_int, default=1024, metavar="MB",
+        help="memory for dense noise drawn during evaluation, reused by the update (default 1024; 0 disables)",
+    )  # fmt: skip
     parser.add_argument("--operator", default="", help="who runs this worker; replicas of a member avoid one operator")
     parser.add_argument("--log-json", action="store_true", help="log JSON lines instead of human-readable lines")
 
@@ -37,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
         tls_ca=args.tls_ca,
         model=args.model,
         capacity=args.capacity,
+        noise_cache_mb=args.noise_cache_mb,
         operator=args.operator,
         log_json=args.log_json,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Collection, Iterable, Mapping
 
 from swarmtune import entries
@@ -44,6 +45,9 @@ class Round:
         self.opened_bytes: bytes | None = None  # serialized common part of IterationOpened
         self.closing = False
         self.settled_ms: int | None = None  # when the last needed result arrived
+        # Resolved once the iteration entry is appended: the submission that completed the round is
+        # acknowledged then (the entry records what it brought), with no journal write of its own.
+        self.appended: asyncio.Future[None] | None = None
 
     # ---- results --------------------------------------------------------------------------
 

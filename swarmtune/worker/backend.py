@@ -6,6 +6,7 @@ import importlib.util
 from typing import Any, Callable, Protocol, Sequence
 
 from swarmtune.jobspec import JobSpec
+from swarmtune.noisecache import NoiseCache
 from swarmtune.seeds import MemberNoise
 from swarmtune.state import MasterState
 from swarmtune.tasks.base import Example, RewardFn
@@ -27,14 +28,14 @@ class Backend(Protocol):
     def generate(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]: ...
 
 
-# make_backend(model, tokenizer, base state, job spec, device) -> a ready Backend.
-BackendFactory = Callable[[Any, Any, MasterState, JobSpec, str], Backend]
+# make_backend(model, tokenizer, base state, job spec, device, noise cache) -> a ready Backend.
+BackendFactory = Callable[[Any, Any, MasterState, JobSpec, str, NoiseCache], Backend]
 
 
-def hf_backend(model: Any, tokenizer: Any, state: MasterState, spec: JobSpec, device: str) -> Backend:
+def hf_backend(model: Any, tokenizer: Any, state: MasterState, spec: JobSpec, device: str, noise_cache: NoiseCache) -> Backend:
     from swarmtune.evaluation import HFEvaluator
 
-    return HFEvaluator(model, tokenizer, state, spec.noise, spec.sigma, device)
+    return HFEvaluator(model, tokenizer, state, spec.noise, spec.sigma, device, noise_cache=noise_cache)
 
 
 def backend_factory(name: str) -> BackendFactory:

@@ -82,6 +82,9 @@ class Daemon:
         self.backoff = Backoff()
         # One thread owns the model and the replica: applying and evaluating never overlap.
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="swarmtune-compute")
+        # Hashing the state for an attestation reads the replica beside evaluation, never beside an apply.
+        self.hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="swarmtune-attest")
+        self.attesting: asyncio.Task[None] | None = None
         self.stop = asyncio.Event()
         self.wake = asyncio.Event()  # new members to evaluate
         self.outgoing = asyncio.Event()  # new results or attestations to send
@@ -121,6 +124,7 @@ class Daemon:
             self.evaluator.cancel()
             await asyncio.gather(self.evaluator, return_exceptions=True)
             self.pool.shutdown(wait=False, cancel_futures=True)
+            self.hasher.shutdown(wait=False, cancel_futures=True)
         if self.fatal is not None:
             raise WorkerFailure(f"evaluation failed ({describe(self.fatal)}); fix the task or backend and restart the worker")
         return 0
@@ -192,6 +196,7 @@ class Daemon:
 
     async def catch_up(self, connection: Connection) -> None:
         """Fetch, verify and apply every entry we do not hold yet (from genesis on the first connect)."""
+        await self.attested()
         next_index = self.site.next_index if self.site else 0
         try:
             caught = await catch_up(connection.fetch(next_index), self.site, self.compute, self.open_genesis, self.note, self.stop.is_set)
@@ -285,19 +290,31 @@ class Daemon:
     async def on_entry(self, item: pb.LedgerEntry) -> None:
         """Verify the entry against our chain head and apply it exactly; attest when the job asks."""
         site = self.require_site()
+        await self.attested()
         started = time.perf_counter()
-        entry = await self.compute(site.advance, item.stored)
+        vouched = self.work.own_signatures() if self.work is not None else frozenset()
+        entry = await self.compute(site.advance, item.stored, vouched)
         self.note(entry)
         body = entry.entry.body
         if not isinstance(body, Iteration):
             return
         self.log("applied", iteration=body.iteration, index=entry.entry.index, seconds=round(time.perf_counter() - started, 4))
         if site.job.spec.attestation_due(body.iteration):
-            state_hash = await self.compute(site.replica.state_hash)
-            record = Attestation(site.job.spec.job_id, body.iteration, state_hash, self.public_key)
-            self.attestations.append(entries.sign_record(self.key, record))
-            self.log("attesting", iteration=body.iteration, state_hash=state_hash.hex())
-            self.outgoing.set()
+            # Off the critical path: the next iteration's members start while the state is hashed.
+            self.attesting = asyncio.create_task(self.attest(site, body.iteration))
+
+    async def attest(self, site: Site, iteration: int) -> None:
+        state_hash = await asyncio.get_running_loop().run_in_executor(self.hasher, site.replica.state_hash)
+        record = Attestation(site.job.spec.job_id, iteration, state_hash, self.public_key)
+        self.attestations.append(entries.sign_record(self.key, record))
+        self.log("attesting", iteration=iteration, state_hash=state_hash.hex())
+        self.outgoing.set()
+
+    async def attested(self) -> None:
+        """Wait for the state hash in progress: the replica must not move under it."""
+        if self.attesting is not None:
+            attesting, self.attesting = self.attesting, None
+            await attesting
 
     def on_opened(self, message: pb.IterationOpened) -> None:
         site = self.require_site()
@@ -412,6 +429,7 @@ class Daemon:
         self.wake.set()
         if self.evaluator is not None:
             await asyncio.wait({self.evaluator}, timeout=DRAIN_MEMBER_TIMEOUT_S)
+        await self.attested()
         try:
             await asyncio.wait_for(self.flush(connection, joined, DRAIN_ATTEMPTS), DRAIN_SEND_TIMEOUT_S)
         except (asyncio.TimeoutError, grpc.aio.AioRpcError, SessionLost) as exc:

@@ -9,6 +9,7 @@ from swarmtune import ledger
 from swarmtune.entries import Genesis, Iteration, StoredEntry
 from swarmtune.jobspec import JobSpec
 from swarmtune.models import load_model, resolve_model
+from swarmtune.noisecache import NoiseCache
 from swarmtune.replay import Replica, genesis_spec, replica_from_genesis
 from swarmtune.tasks.base import Task
 from swarmtune.tasks.registry import load_task
@@ -37,28 +38,30 @@ class Job:
 class Site:
     """Advances entry by entry: every entry verified against the chain before an iteration is applied."""
 
-    def __init__(self, job: Job, chain: ledger.ChainState, replica: Replica, backend: Backend) -> None:
+    def __init__(self, job: Job, chain: ledger.ChainState, replica: Replica, backend: Backend, noise_cache: NoiseCache) -> None:
         self.job = job
         self.chain = chain
         self.replica = replica
         self._backend = backend
+        self._noise_cache = noise_cache  # the backend's too: members' noise, drawn again by the update
         self._center_iteration = 0  # the backend was built on the base state
 
     @property
     def next_index(self) -> int:
         return self.chain.next_index
 
-    def accept(self, stored: bytes) -> StoredEntry:
-        """Verify the next entry (seal, chain, signatures, bindings); apply it if it closes an iteration."""
-        chain, entry = ledger.advance(self.chain, stored)
+    def accept(self, stored: bytes, vouched: ledger.Vouched = ()) -> StoredEntry:
+        """Verify the next entry (seal, chain, signatures, bindings; `vouched`: our own signed results);
+        apply it if it closes an iteration."""
+        chain, entry = ledger.advance(self.chain, stored, vouched)
         if isinstance(entry.entry.body, Iteration):
-            self.replica.apply(entry.entry.body)
+            self.replica.apply(entry.entry.body, self._noise_cache)
         self.chain = chain
         return entry
 
-    def advance(self, stored: bytes) -> StoredEntry:
-        """`accept` a live entry and derive the new center at once: the next iteration evaluates on it."""
-        entry = self.accept(stored)
+    def advance(self, stored: bytes, vouched: ledger.Vouched = ()) -> StoredEntry:
+        """`accept` a live entry and hand the new center to the backend: the next iteration evaluates on it."""
+        entry = self.accept(stored, vouched)
         self.backend()
         return entry
 
@@ -85,4 +88,5 @@ def open_site(stored_genesis: bytes, config: WorkerConfig, make_backend: Backend
     task = load_task(spec.task, tokenizer=base.tokenizer, **spec.task_options)
     retention = load_task(spec.retention_task, tokenizer=base.tokenizer, **spec.retention_options) if spec.retention_task else None
     job = Job(spec, entry.hash, task, retention)
-    return Site(job, chain, replica, make_backend(base.model, base.tokenizer, replica.base, spec, config.device))
+    cache = NoiseCache(config.noise_cache_mb << 20)
+    return Site(job, chain, replica, make_backend(base.model, base.tokenizer, replica.base, spec, config.device, cache), cache)

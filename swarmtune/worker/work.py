@@ -60,6 +60,10 @@ class IterationWork:
         """Assigned members without a result yet, in member order."""
         return [self.opened.members[m] for m in sorted(self.assigned - set(self.results))]
 
+    def own_signatures(self) -> frozenset[tuple[bytes, bytes]]:
+        """(body, signature) of every result we signed: the closing entry's copies need no verifying."""
+        return frozenset((signed.body, signed.signature) for signed in self.results.values())
+
     def record(self, signed: Iterable[Signed[WorkerResult]]) -> None:
         for result in signed:
             self.results[result.record.member] = result

@@ -1,0 +1,63 @@
+"""The worker's noise cache: hits are exactly a regeneration; the update and members come out the same; bounded."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from swarmtune import update
+from swarmtune.noise import NoiseConfig, dense_noise_map, noise_alphabet
+from swarmtune.noisecache import NoiseCache
+from swarmtune.seeds import population
+from swarmtune.state import MasterState, TensorSpec
+
+TENSORS = [(0, 300), (1, 7), (2, 70_000)]  # below and above the Gaussian alphabet's 65,536 values
+
+
+def state_of(shapes: list[tuple[int, int]]) -> MasterState:
+    specs = tuple(TensorSpec(f"w{i}", shape, 36 + i, "dense") for i, shape in enumerate(shapes))
+    q = tuple(torch.arange(s.numel, dtype=torch.int64).view(s.shape) * 999_983 - 11 for s in specs)
+    return MasterState(specs, q)
+
+
+@pytest.mark.parametrize("distribution", ["rademacher", "gaussian"])
+def test_a_hit_is_the_same_draw(distribution: str) -> None:
+    cache = NoiseCache(1 << 20)
+    first = cache.noise(5, TENSORS[:2], distribution, "cpu")
+    assert torch.equal(first, dense_noise_map(5, TENSORS[:2], distribution, noise_alphabet(distribution)))
+    assert cache.noise(5, TENSORS[:2], distribution, "cpu") is first
+    assert cache.bytes_held == first.numel() * first.element_size() == 307 * (2 if distribution == "gaussian" else 1)
+    assert not torch.equal(cache.noise(6, TENSORS[:2], distribution, "cpu"), first)  # another seed, another draw
+
+
+def test_the_budget_evicts_the_oldest_and_never_holds_what_does_not_fit() -> None:
+    one = 307 * 2  # int16 Gaussian noise
+    cache = NoiseCache(2 * one)
+    a = cache.noise(1, TENSORS[:2], "gaussian", "cpu")
+    cache.noise(2, TENSORS[:2], "gaussian", "cpu")
+    cache.noise(3, TENSORS[:2], "gaussian", "cpu")  # seed 1 goes
+    assert cache.bytes_held == 2 * one
+    assert cache.noise(1, TENSORS[:2], "gaussian", "cpu") is not a
+    cache.noise(9, TENSORS[2:], "gaussian", "cpu")  # larger than the whole budget: not kept
+    assert cache.bytes_held == 2 * one
+    with pytest.raises(ValueError, match=">= 0"):
+        NoiseCache(-1)
+
+
+@pytest.mark.parametrize("distribution", ["rademacher", "gaussian"])
+@pytest.mark.parametrize("budget", [0, 1 << 22])
+def test_members_then_the_update_through_the_cache_give_the_same_bytes(distribution: str, budget: int) -> None:
+    noise = NoiseConfig("dense", distribution)
+    shapes = [(15, 20), (1, 7), (280, 250)]
+    plain, cached = state_of(shapes), state_of(shapes)
+    cache = NoiseCache(budget)
+    members = population(21, 3, 6, antithetic=True)
+    for member in members:  # what a worker's evaluation draws first
+        expected = list(update.member_deltas(plain, member, 40_000_003, noise))
+        got = list(update.member_deltas(cached, member, 40_000_003, noise, cache))
+        assert all(i == j and torch.equal(a, b) for (i, a), (j, b) in zip(expected, got))
+    change = update.IterationUpdate(members, (70_001, -3, 123_456_789, 0, -5_000_000, 42))
+    update.apply_iteration_(plain, change, noise)
+    update.apply_iteration_(cached, change, noise, cache=cache)
+    assert all(torch.equal(a, b) for a, b in zip(plain.q, cached.q))
+    assert (cache.bytes_held > 0) == (budget > 0)
