@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -59,8 +60,8 @@ class Run:
         return next(e.entry.index for e in self.parsed if what(e))
 
 
-def _poll_until_finished(cluster: Cluster, coordinator: Proc, timeout_s: float = 180.0) -> list[JobStatus]:
-    """Live statuses through the client API until the job reports finished."""
+def _poll_until(cluster: Cluster, coordinator: Proc, done: Callable[[JobStatus], bool], timeout_s: float = 180.0) -> list[JobStatus]:
+    """Live statuses through the client API until one satisfies `done`."""
     seen: list[JobStatus] = []
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -69,10 +70,10 @@ def _poll_until_finished(cluster: Cluster, coordinator: Proc, timeout_s: float =
             seen.append(fetch_status(cluster.address, timeout_s=5.0))
         except StatusError:
             pass  # not listening yet
-        if seen and seen[-1].state == "finished":
+        if seen and done(seen[-1]):
             return seen
-        time.sleep(0.5)
-    pytest.fail(f"the job did not finish in {timeout_s}s:\n{coordinator.tail()}")
+        time.sleep(0.1)
+    pytest.fail(f"the job's status did not get there in {timeout_s}s:\n{coordinator.tail()}")
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +86,18 @@ def run(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[Ru
     cluster = Cluster(root=root / "cluster", redis_url=redis_url, model_dir=model_dir, spec=spec)
     try:
         coordinator = cluster.coordinator("--serve-after", "--min-workers", "2")
-        workers = [cluster.worker(i) for i in range(2)]
-        live = _poll_until_finished(cluster, coordinator)
+        first = cluster.worker(0)
+        live = _poll_until(cluster, coordinator, lambda s: s.workers_online == 1)  # --min-workers holds iteration 1
+        # Paused, the first worker holds iteration 1 open (its members are not due elsewhere for 30 s)
+        # while the second joins: the live status must show both online.
+        first.popen.send_signal(signal.SIGSTOP)
+        try:
+            second = cluster.worker(1)
+            live += _poll_until(cluster, coordinator, lambda s: s.workers_online == 2)
+        finally:
+            first.popen.send_signal(signal.SIGCONT)
+        workers = [first, second]
+        live += _poll_until(cluster, coordinator, lambda s: s.state == "finished")
         for worker in workers:
             assert worker.wait(60) == 0, worker.tail()
         path = cluster.export()

@@ -170,9 +170,10 @@ def test_sigkill_and_restart_resume_the_open_iteration(store: LedgerStore, redis
         for w in workers:
             await w.join()
             w.start(from_index=1)
+        # Both hear of the resumed iteration before either answers: the first answer may close it.
+        resumed = [await until_opened(w, 1) for w in workers]
         replies = []
-        for w in workers:
-            opened = await until_opened(w, 1)
+        for w, opened in zip(workers, resumed):
             w.auto = True  # from iteration 2 on
             assert opened.head_hash == entries.entry_hash(next(iter(store.read(job_id, 0, 0))))
             # resend everything held before the kill, plus what is still owed
