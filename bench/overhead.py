@@ -35,7 +35,7 @@ from swarmtune.models import resolve_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "examples" / "smoke.toml"
-ITERATIONS = 24
+ITERATIONS = 64
 WARMUP = 4
 TIMEOUT_S = 480.0
 

@@ -65,7 +65,7 @@ def rne_shift_int(x: int, shift: int) -> int:
 
 def check_range(q: torch.Tensor, name: str) -> None:
     """Raise FixedPointOverflow if any |Q| reaches 2^Q_LIMIT_BITS."""
-    if q.numel() and int(q.abs().max().item()) >= 1 << Q_LIMIT_BITS:
+    if q.numel() and max(-int(q.min()), int(q.max())) >= 1 << Q_LIMIT_BITS:
         raise FixedPointOverflow(
             f"tensor {name!r} left the fixed-point range (|Q| ≥ 2^{Q_LIMIT_BITS}): its weights grew more "
             "than 8x from the base model. Lower the job's alpha or raise its weight decay toward the base."

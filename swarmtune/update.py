@@ -122,12 +122,17 @@ def dense_delta(
     # rne_shift needs |x| <= 2^62; bounding the sum up front also keeps it from wrapping int64.
     if sum(abs(w) for w in weights.values()) * noise_bound(distribution) > 1 << 62:
         raise FixedPointOverflow(f"dense update of {len(weights)} seeds with coefficients up to {max(map(abs, weights.values()))} exceeds int64")
+    if not weights:
+        return torch.zeros(sum(numel for _, numel in tensors), dtype=torch.int64, device=device)
+    # mapped_noise hands f a fresh int64 tensor, so f may work in place.
     if len(weights) == 1:  # one member's perturbation: the rounding is elementwise too
         ((seed, weight),) = weights.items()
-        return mapped_noise(seed, tensors, distribution, device, lambda e: rne_shift(e * weight, shift), cache)
-    total = torch.zeros(sum(numel for _, numel in tensors), dtype=torch.int64, device=device)
+        return mapped_noise(seed, tensors, distribution, device, lambda e: rne_shift(e.mul_(weight), shift), cache)
+    total: torch.Tensor | None = None
     for seed, weight in weights.items():
-        total += mapped_noise(seed, tensors, distribution, device, lambda e: e * weight, cache)
+        term = mapped_noise(seed, tensors, distribution, device, lambda e: e.mul_(weight), cache)
+        total = term if total is None else total.add_(term)
+    assert total is not None
     return rne_shift(total, shift)
 
 
@@ -139,7 +144,8 @@ def mapped_noise(
     f: Callable[[torch.Tensor], torch.Tensor],
     cache: NoiseCache | None = None,
 ) -> torch.Tensor:
-    """f(E) for an elementwise integer map f of the dense noise E (int64) of `tensors`, concatenated.
+    """f(E) for an elementwise integer map f of the dense noise E (a fresh int64 tensor f may change in
+    place) of `tensors`, concatenated.
     Drawn afresh, f maps the noise alphabet (2 or 65,536 values) instead of the elements when there
     are more elements; from a cache (E drawn once for every use in an iteration), f maps E itself."""
     if cache is not None:
@@ -179,7 +185,7 @@ def apply_iteration_(
 ) -> None:
     """Q <- Q + ΔQ - round_half_even((Q - Q_base)·decay / 2^24), in place, tensor by tensor.
 
-    On FixedPointOverflow the tensors before the failing one are already updated: rebuild the state.
+    On FixedPointOverflow the state is partly updated (the failing tensor too): rebuild it.
     """
     if decay and base is None:
         raise ValueError("anchored decay needs the base state")
@@ -193,9 +199,7 @@ def apply_iteration_(
             if drift.numel() and int(drift.abs().max().item()) * decay >= 1 << 62:
                 raise FixedPointOverflow(f"anchored decay of {spec.name!r} would overflow int64")
             delta = delta - rne_shift(drift * decay, DECAY_BITS)
-        updated = q + delta
-        check_range(updated, spec.name)
-        q.copy_(updated)
+        check_range(q.add_(delta), spec.name)  # cannot wrap: |Q| < 2^53, |ΔQ| <= 2^62 + 2^38
 
 
 def member_deltas(

@@ -20,12 +20,16 @@ class Journal:
 
     async def write(self, fields: Mapping[bytes, bytes]) -> None:
         """Store `fields`; raises the store's error if Redis fails (nothing was acknowledged then)."""
+        await self.post(fields)
+
+    def post(self, fields: Mapping[bytes, bytes]) -> asyncio.Future[None]:
+        """Queue `fields` for the next round trip without waiting; the future says when they are stored."""
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.update(fields)
         self._waiters.append(waiter)
         if self._flushing is None or self._flushing.done():
             self._flushing = asyncio.create_task(self._flush())
-        await waiter
+        return waiter
 
     async def drain(self) -> None:
         """Wait until everything written so far is stored (or has failed)."""

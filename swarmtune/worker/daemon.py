@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import math
 import random
 import signal
 import time
@@ -38,6 +40,10 @@ REFUSALS = frozenset({grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.FAILED_
 
 SUBMIT_ATTEMPTS = 8
 SUBMIT_BATCH = 1024  # results per SubmitResults call
+# While more of our members are still to come, results go out at most this often (a dense member
+# can take milliseconds: one call each would spend the coordinator's per-worker rate limit); the
+# result that completes our share goes at once.
+PARTIAL_SUBMIT_INTERVAL_S = 0.02
 # Leaving (SIGTERM or the job's end): the member in progress may finish; the coordinator may be
 # gone already, so the last submissions are tried briefly.
 DRAIN_MEMBER_TIMEOUT_S = 30.0
@@ -394,10 +400,21 @@ class Daemon:
     # ---- submitting ----------------------------------------------------------------------------
 
     async def submit_forever(self, connection: Connection, joined: Joined) -> None:
+        sent = -math.inf
         while True:
             await self.outgoing.wait()
             self.outgoing.clear()
+            while self.more_coming() and (wait := sent + PARTIAL_SUBMIT_INTERVAL_S - time.monotonic()) > 0:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self.outgoing.wait(), wait)
+                self.outgoing.clear()
+            sent = time.monotonic()
             await self.flush(connection, joined)
+
+    def more_coming(self) -> bool:
+        """Members (or a retention report) of ours are still being evaluated this iteration."""
+        work = self.work
+        return work is not None and not self.stop.is_set() and bool(work.pending() or work.retention_due())
 
     async def flush(self, connection: Connection, joined: Joined, attempts: int = SUBMIT_ATTEMPTS) -> None:
         """Send every result, retention report and attestation the coordinator has not taken yet."""
