@@ -166,7 +166,7 @@ def resolve_model(spec: str, cache_dir: str | os.PathLike[str] | None = None) ->
 
 
 def resolve_builtin(name: str, cache_dir: str | os.PathLike[str] | None) -> Path:
-    """The cached directory of a built-in model, built on first use."""
+    """The cached directory of a built-in model, installed on first use."""
     if name != "tiny":
         raise ModelResolutionError(f"unknown built-in model 'builtin:{name}'; the built-in model is builtin:tiny")
     from swarmtune.tinymodel import ensure_tiny

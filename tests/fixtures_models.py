@@ -17,5 +17,5 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def builtin_tiny_dir() -> Path:
-    """The pretrained builtin:tiny from the swarmtune cache (built there once, about a minute)."""
+    """builtin:tiny from the swarmtune cache (installed there from the shipped weights on first use)."""
     return resolve_model("builtin:tiny")

@@ -1,19 +1,22 @@
-"""builtin:tiny: the pretraining recipe learns, builds are deterministic, the cache is atomic."""
+"""builtin:tiny: the pretraining recipe learns, builds are deterministic, the shipped weights install atomically."""
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from swarmtune import tinymodel
 from swarmtune.models import ModelResolutionError, load_model
 from swarmtune.tasks.demo import addition_task, reversal_task
 from swarmtune.tinymodel import (
+    BUILD_FACTS,
     MANIFEST,
     TINY_NAME,
+    WEIGHTS_DIR,
     TinyRecipe,
     build_tiny,
     content_hash,
@@ -21,6 +24,7 @@ from swarmtune.tinymodel import (
     file_hashes,
     greedy_accuracy,
     read_manifest,
+    shipped_facts,
     tiny_dir,
 )
 
@@ -61,55 +65,59 @@ def test_same_recipe_gives_the_same_model(reduced_build: Path, tmp_path: Path) -
 
 
 def cached_copy(build: Path, root: Path) -> Path:
-    """A cache root holding a copy of a finished build, as ensure_tiny leaves it."""
+    """A cache root holding a copy of a finished build where ensure_tiny keeps its install."""
     shutil.copytree(build, tiny_dir(root))
     return root
 
 
-def test_ensure_tiny_builds_into_an_empty_cache(tmp_path: Path) -> None:
-    built = ensure_tiny(tmp_path, REDUCED)
-    assert built == tiny_dir(tmp_path)
-    assert {path.name for path in built.parent.iterdir()} == {TINY_NAME, f"{TINY_NAME}.lock"}  # no scratch left
-    assert read_manifest(built)["recipe"] == dataclasses.asdict(REDUCED)
+def test_ensure_tiny_installs_the_shipped_weights_into_an_empty_cache(tmp_path: Path) -> None:
+    installed = ensure_tiny(tmp_path)
+    assert installed == tiny_dir(tmp_path)
+    assert {path.name for path in installed.parent.iterdir()} == {TINY_NAME, f"{TINY_NAME}.lock"}  # no scratch left
+    manifest = read_manifest(installed)
+    assert {key: manifest[key] for key in BUILD_FACTS} == shipped_facts()
+    model, _ = load_model(installed)
+    shipped = load_file(str(WEIGHTS_DIR / f"{TINY_NAME}.safetensors"))
+    assert all(torch.equal(model.get_parameter(name), tensor) for name, tensor in shipped.items())
 
 
-def test_ensure_tiny_reuses_a_cached_build(reduced_build: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def no_rebuild(*args: object, **kwargs: object) -> Path:
-        raise AssertionError("a cached build was rebuilt")
+def test_ensure_tiny_reuses_an_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ensure_tiny(tmp_path)
 
-    monkeypatch.setattr(tinymodel, "build_tiny", no_rebuild)
-    assert ensure_tiny(cached_copy(reduced_build, tmp_path), REDUCED) == tiny_dir(tmp_path)
+    def no_reinstall(*args: object, **kwargs: object) -> Path:
+        raise AssertionError("an installed model was installed again")
+
+    monkeypatch.setattr(tinymodel, "install_tiny", no_reinstall)
+    assert ensure_tiny(tmp_path) == tiny_dir(tmp_path)
 
 
-def test_interrupted_build_leaves_no_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_interrupted_install_leaves_no_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def interrupted(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(tinymodel, "pretrain", interrupted)
+    monkeypatch.setattr(tinymodel, "write_manifest", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        ensure_tiny(tmp_path, REDUCED)
+        ensure_tiny(tmp_path)
     assert [path.name for path in tiny_dir(tmp_path).parent.iterdir()] == [f"{TINY_NAME}.lock"]
 
 
-def test_scratch_of_a_killed_build_is_removed(reduced_build: Path, tmp_path: Path) -> None:
-    root = cached_copy(reduced_build, tmp_path)
-    scratch = tiny_dir(root).parent / f".{TINY_NAME}-killed"  # what a SIGKILLed build leaves behind
-    scratch.mkdir()
+def test_scratch_of_a_killed_install_is_removed(tmp_path: Path) -> None:
+    scratch = tiny_dir(tmp_path).parent / f".{TINY_NAME}-killed"  # what a SIGKILLed install leaves behind
+    scratch.mkdir(parents=True)
     (scratch / "tokenizer.json").write_text("{}")
-    ensure_tiny(root, REDUCED)
-    assert {path.name for path in tiny_dir(root).parent.iterdir()} == {TINY_NAME, f"{TINY_NAME}.lock"}
+    ensure_tiny(tmp_path)
+    assert {path.name for path in tiny_dir(tmp_path).parent.iterdir()} == {TINY_NAME, f"{TINY_NAME}.lock"}
 
 
-def test_a_build_of_another_recipe_is_replaced(reduced_build: Path, tmp_path: Path) -> None:
-    rebuilt = ensure_tiny(cached_copy(reduced_build, tmp_path), dataclasses.replace(REDUCED, max_steps=20))
-    assert read_manifest(rebuilt)["pretraining"]["steps"] == 20
+def test_other_weights_in_the_cache_are_replaced(reduced_build: Path, tmp_path: Path) -> None:
+    replaced = ensure_tiny(cached_copy(reduced_build, tmp_path))
+    assert read_manifest(replaced)["weights_sha256"] == shipped_facts()["weights_sha256"]
 
 
-def test_a_damaged_cache_says_what_to_do(reduced_build: Path, tmp_path: Path) -> None:
-    root = cached_copy(reduced_build, tmp_path)
-    (tiny_dir(root) / "config.json").write_text("{}")
+def test_a_damaged_cache_says_what_to_do(tmp_path: Path) -> None:
+    (ensure_tiny(tmp_path) / "config.json").write_text("{}")
     with pytest.raises(ModelResolutionError, match="delete that directory"):
-        ensure_tiny(root, REDUCED)
+        ensure_tiny(tmp_path)
 
 
 def test_cli_refuses_a_non_empty_directory(tmp_path: Path) -> None:
@@ -127,5 +135,7 @@ def test_builtin_tiny_has_a_mediocre_task_and_a_strong_probe(builtin_tiny_dir: P
     probe_accuracy = greedy_accuracy(model, tokenizer, reversal_task().held_out())
     assert 0.30 <= task_accuracy <= 0.50
     assert probe_accuracy >= 0.95
-    assert read_manifest(builtin_tiny_dir)["held_out_accuracy"] == {"task": task_accuracy, "probe": probe_accuracy}
+    # Measured where the weights were built; another CPU's float arithmetic may flip a greedy token or two.
+    recorded = read_manifest(builtin_tiny_dir)["held_out_accuracy"]
+    assert recorded == pytest.approx({"task": task_accuracy, "probe": probe_accuracy}, abs=0.01)
     assert (builtin_tiny_dir / MANIFEST).is_file()

@@ -22,10 +22,9 @@ REWARD_REF = f"{Path(trl_reward_example.__file__)}:accuracy_reward"
 ITERATIONS = 20
 PROMPTS = 128
 HELD_OUT = 500  # the whole held-out split: a gain of a few points must stand above sampling noise
-# A binary reward is a weak signal; how fast it moves builtin:tiny depends on the build (float
-# backprop, so the CPU it was built on): 0.397 -> 0.527 in 10 iterations on one build, 0.440 ->
-# 0.474 in 20 with a population of 60 on another.
-MIN_GAIN = 0.02
+# A binary reward is a weak signal: a population of 60 over 20 iterations took the shipped
+# builtin:tiny from 0.408 to 0.458 (and a build from another machine from 0.440 to 0.474).
+MIN_GAIN = 0.03
 
 
 def write_rows(path: Path, examples: list[Example]) -> Path:

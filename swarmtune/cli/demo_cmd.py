@@ -128,13 +128,13 @@ def write_job_file(path: Path, text: str) -> None:
 
 
 def build_model(spec: JobSpec, display: Display) -> tuple[Path, float]:
-    """The base model's directory, and the seconds spent building it (builtin:tiny, first use only)."""
+    """The base model's directory, and the seconds spent installing it (builtin:tiny, first use only)."""
     from swarmtune.models import ModelResolutionError, cache_root, resolve_model
     from swarmtune.tinymodel import MANIFEST, tiny_dir
 
     building = not (tiny_dir(cache_root()) / MANIFEST).is_file()
     if building:
-        display.note("building builtin:tiny (first run only: pretraining on this CPU, about a minute) ...")
+        display.note("installing builtin:tiny into the cache (first run only) ...")
     started = time.monotonic()
     try:
         model_dir = resolve_model(spec.model)

@@ -30,7 +30,7 @@ class Summary:
     audit_problem: str | None
     final_state_hash: str | None
     wall_seconds: float
-    build_seconds: float  # building builtin:tiny on first use (0 when cached)
+    build_seconds: float  # installing builtin:tiny on first use (0 when cached)
     curve: tuple[Checkpoint, ...]
     ledger: str
     plot: str
@@ -83,7 +83,7 @@ def points(before: float, after: float) -> str:
 def describe(summary: Summary, task: str, probe: str) -> str:
     """The human report printed at the end."""
     minutes, seconds = divmod(round(summary.wall_seconds), 60)
-    build = f", {summary.build_seconds:.0f} s of it building builtin:tiny" if summary.build_seconds else ""
+    build = f", {summary.build_seconds:.0f} s of it installing builtin:tiny" if summary.build_seconds else ""
     audit = "OK" if summary.audit_ok else f"FAILED: {summary.audit_problem}"
     return "\n".join(
         [
