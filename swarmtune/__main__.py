@@ -1,7 +1,5 @@
 """`python -m swarmtune` runs the command line."""
 
-import sys
+from swarmtune.cli import entry
 
-from swarmtune.cli import main
-
-sys.exit(main())
+entry()

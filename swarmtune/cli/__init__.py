@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import signal
 import sys
+
+INTERRUPTED = 130  # the shell's status for a Ctrl-C'd program (128 + SIGINT)
 
 # Each entry: (subcommand module under swarmtune.cli, one-line help). Modules expose
 # `add_arguments(parser)` and `run(args) -> int`, and import heavy dependencies inside `run`
@@ -72,8 +75,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"swarmtune {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        # Wound down already: a second Ctrl-C (or one still pending) must not turn exit 130 into a
-        # death by SIGINT during interpreter shutdown.
+        # Wound down already: a second Ctrl-C (or one still pending) must not cut the exit short.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         print(f"swarmtune {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return INTERRUPTED
+
+
+def entry() -> None:
+    """The `swarmtune` program: main's exit status, and nothing after an interrupt but leaving."""
+    code = main()
+    if code == INTERRUPTED:
+        # CPython kills its own process with SIGINT at exit if a KeyboardInterrupt ever escaped code
+        # it ran through its embedding API, even when our handler caught it further up; wound down
+        # already, the program leaves now with 130, whatever the interrupt went through.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
