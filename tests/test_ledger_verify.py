@@ -74,7 +74,8 @@ def test_reward_edited_in_place_breaks_the_coordinator_signature_at_that_entry()
     _expect(stored, k, "iteration", "coordinator signature invalid")
 
 
-def test_reward_edited_by_the_coordinator_breaks_the_worker_signature() -> None:
+def _reward_edited_by_the_coordinator() -> tuple[entries.Signed[WorkerResult], list[bytes]]:
+    """Worker 1's honest result, and a ledger whose entry 1 records it with another reward under its signature."""
     chain = ChainBuilder()
     honest = chain.iteration()
     original = honest.results[1]
@@ -83,27 +84,25 @@ def test_reward_edited_by_the_coordinator_breaks_the_worker_signature() -> None:
     forged = entries.Signed(replace(original.record, reward=1e9), body.SerializeToString(), original.signature)
     results = (honest.results[0], forged, *honest.results[2:])
     rewards = (honest.rewards[0], 1e9, *honest.rewards[2:])
-    stored = _one_iteration(chain, results=results, rewards=rewards)
+    return original, _one_iteration(chain, results=results, rewards=rewards)
+
+
+def test_reward_edited_by_the_coordinator_breaks_the_worker_signature() -> None:
+    _, stored = _reward_edited_by_the_coordinator()
     _expect(stored, 1, "iteration", "result 1: worker signature invalid")
 
 
 def test_a_worker_skips_only_its_own_exact_signatures() -> None:
-    chain = ChainBuilder()
-    honest = chain.iteration()
-    original = honest.results[1]
-    body = pb.WorkerResult.FromString(original.body)
-    body.reward = 1e9
-    forged = entries.Signed(replace(original.record, reward=1e9), body.SerializeToString(), original.signature)
-    stored = _one_iteration(chain, results=(honest.results[0], forged, *honest.results[2:]), rewards=(honest.rewards[0], 1e9, *honest.rewards[2:]))
+    original, stored = _reward_edited_by_the_coordinator()
     state, _ = ledger.start(stored[0])
     mine = {(original.body, original.signature)}  # what the worker signed: the reward it measured
     with pytest.raises(ledger.LedgerError, match="result 1: worker signature invalid"):
         ledger.advance(state, stored[1], vouched=mine)  # its signature on other bytes counts for nothing
     # What it vouches for is taken as signed, byte for byte, and is not verified again.
-    other = ChainBuilder()
-    first = other.iteration()
+    chain = ChainBuilder()
+    first = chain.iteration()
     unchecked = replace(first.results[1], signature=bytes(64))
-    stored = _one_iteration(other, results=(first.results[0], unchecked, *first.results[2:]))
+    stored = _one_iteration(chain, results=(first.results[0], unchecked, *first.results[2:]))
     state, _ = ledger.start(stored[0])
     ledger.advance(state, stored[1], vouched={(unchecked.body, unchecked.signature)})
     with pytest.raises(ledger.LedgerError, match="result 1: worker signature invalid"):
