@@ -128,7 +128,7 @@ def is_current(directory: Path) -> bool:
 
 @contextlib.contextmanager
 def exclusive_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive file lock: concurrent workers wait for one build instead of racing."""
+    """Hold an exclusive file lock: concurrent processes wait for one install instead of racing."""
     with open(path, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:

@@ -34,10 +34,10 @@ RUN_TIMEOUT_S = 240.0
 STOP_TIMEOUT_S = 90.0
 
 
-@dataclass
+@dataclass(frozen=True)
 class Demo:
-    """A running `swarmtune demo`; its output goes to files, so a chatty build (the model's progress
-    bar on a fresh cache) can never fill a pipe nobody reads and stall the demo."""
+    """A running `swarmtune demo`; its output goes to files, so chatty output (progress bars, a rebuilt
+    model's training) can never fill a pipe nobody reads and stall the demo."""
 
     process: subprocess.Popen[bytes]
     out: Path

@@ -31,6 +31,7 @@ def test_results_of_a_fast_worker_go_out_paced_and_all_are_taken(redis_url: str,
         # Twelve calls in 50 ms would spend this burst; paced, the share takes a handful.
         limits = Limits(calls_per_s=2.0, call_burst=6.0)
         async with in_process(connect(redis_url), spec, (identity.public_key_bytes(key),), limits=limits) as c:
+            # Only the daemon's submission loop runs here: no model, no backend, no connection of its own.
             daemon = Daemon(WorkerConfig("unused", tmp_path / "unused.key", capacity=MEMBERS), key, lambda *a: None, EventLog(True, out))  # type: ignore[arg-type, return-value]
             connection = Connection(open_channel(f"127.0.0.1:{c.running.port}", None))
             joined = await connection.join(key, MEMBERS, "")
