@@ -397,6 +397,7 @@ class EntryHeader:
     prev_hash: bytes
     job_id: str
     hash: bytes
+    kind: str | None  # the body's kind (body_kind); None when the entry has none
 
 
 def _envelope(stored: bytes) -> tuple[Any, Any]:
@@ -409,7 +410,7 @@ def _envelope(stored: bytes) -> tuple[Any, Any]:
 
 def read_header(stored: bytes) -> EntryHeader:
     _, message = _envelope(stored)
-    return EntryHeader(message.index, message.prev_hash, message.job_id, entry_hash(stored))
+    return EntryHeader(message.index, message.prev_hash, message.job_id, entry_hash(stored), message.WhichOneof("body"))
 
 
 def parse_entry(stored: bytes) -> StoredEntry:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
@@ -78,6 +79,7 @@ def greedy_tokens(
     rows = batch.rows
     device = batch.input_ids.device
     mask = batch.attention_mask
+    cache = cache_keyword(model)
     # Left padding: positions count real tokens only, as HF generate computes them.
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
     stops = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
@@ -104,10 +106,16 @@ def greedy_tokens(
                 input_ids=token[:, None],
                 attention_mask=mask,
                 position_ids=positions,
-                past_key_values=output.past_key_values,
+                **{cache: getattr(output, cache)},
                 use_cache=True,
             )
     return torch.stack(steps, dim=1) if steps else batch.input_ids.new_empty(rows, 0)
+
+
+def cache_keyword(model: nn.Module) -> str:
+    """The name of the KV cache in a forward call and its output: `cache` since transformers 5.x
+    deprecated `past_key_values` (removed in 5.40), `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def decode_completions(tokenizer: Any, tokens: torch.Tensor, stop_ids: Sequence[int]) -> list[str]:

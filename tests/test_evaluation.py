@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -11,6 +12,7 @@ import torch
 
 from swarmtune.evaluation import (
     HFEvaluator,
+    cache_keyword,
     decode_completions,
     encode_prompts,
     greedy_tokens,
@@ -177,6 +179,25 @@ def test_greedy_loop_matches_hf_generate(loaded: tuple[Any, Any]) -> None:
             eos_token_id=None,
         )
     assert torch.equal(ours, theirs[:, batch.input_ids.shape[1] :])
+
+
+def test_greedy_loop_uses_the_current_cache_keyword(loaded: tuple[Any, Any]) -> None:
+    """transformers 5.x deprecates `past_key_values` (removed in 5.40): the loop must not lean on it."""
+    model, tokenizer = loaded
+    batch = encode_prompts(tokenizer, [e.prompt for e in EXAMPLES], "cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        greedy_tokens(model, batch, NEW_TOKENS, (), tokenizer.pad_token_id)
+
+
+def test_cache_keyword_falls_back_for_older_transformers() -> None:
+    class Older(torch.nn.Module):
+        def forward(self, input_ids: Any, past_key_values: Any = None, use_cache: bool = False) -> None: ...
+
+    class Newer(torch.nn.Module):
+        def forward(self, input_ids: Any, cache: Any = None, use_cache: bool = False) -> None: ...
+
+    assert (cache_keyword(Older()), cache_keyword(Newer())) == ("past_key_values", "cache")
 
 
 def test_completions_stop_at_eos(loaded: tuple[Any, Any]) -> None:

@@ -340,6 +340,9 @@ class Job:
             raise
         if current.appended is not None:
             current.appended.set_result(None)
+        # Let the subscription streams take the entry before the bookkeeping and the next opening:
+        # every worker's verify-and-apply then overlaps them instead of following them.
+        await asyncio.sleep(0)
         alerts = closing.body.alerts
         done = now_ms()
         figures = figures_of(

@@ -296,6 +296,11 @@ class Daemon:
     async def on_entry(self, item: pb.LedgerEntry) -> None:
         """Verify the entry against our chain head and apply it exactly; attest when the job asks."""
         site = self.require_site()
+        if entries.read_header(item.stored).kind != "iteration":
+            # Chain bookkeeping only (every worker's attestations, admissions, revocations): verified
+            # here rather than queued on the compute thread between two evaluations.
+            self.note(site.accept(item.stored))
+            return
         await self.attested()
         started = time.perf_counter()
         vouched = self.work.own_signatures() if self.work is not None else frozenset()
