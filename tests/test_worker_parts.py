@@ -1,9 +1,11 @@
-"""The worker's pure parts: open-iteration bookkeeping, retries, what it signs and measures, backend choice."""
+"""The worker's parts: open-iteration bookkeeping, retries, what it signs and measures, backend choice, entry handling."""
 
 from __future__ import annotations
 
 import asyncio
+import io
 import random
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -11,7 +13,7 @@ from typing import Sequence
 import grpc
 import pytest
 
-from swarmtune import entries, identity
+from swarmtune import entries, identity, ledger
 from swarmtune.jobspec import parse_job_spec
 from swarmtune.seeds import MemberNoise, population
 from swarmtune.state import MasterState
@@ -19,10 +21,15 @@ from swarmtune.tasks.base import DatasetTask, Example, RewardFn
 from swarmtune.wire import service_pb2 as pb
 from swarmtune.worker.backend import BackendError, backend_factory, hf_backend
 from swarmtune.worker.backoff import Backoff
+from swarmtune.worker.config import WorkerConfig
+from swarmtune.worker.daemon import Daemon
+from swarmtune.worker.logs import EventLog
 from swarmtune.worker.measure import evaluation_batch, prompt_batch, retention_figures, sign_results
 from swarmtune.worker.session import SessionLost, retried
+from swarmtune.worker.site import Site
 from swarmtune.worker.work import IterationWork, Opened
 from tests.cli_runner import run_cli
+from tests.ledger_factory import ChainBuilder
 
 SPEC = parse_job_spec(b'[job]\nid = "w"\nseed = 3\nmodel = "m"\n[task]\nname = "t"\nprompts_per_iteration = 3\nmax_new_tokens = 2\n')
 TASK = DatasetTask("t", (0.0, 1.0), tuple(Example(f"{i}+1=") for i in range(10)), (Example("a"), Example("bb")), lambda p, c, **k: [len(x) / 4 for x in c])
@@ -169,3 +176,34 @@ def test_worker_command_says_vllm_is_not_available(
     argv = ["worker", "--coordinator", "127.0.0.1:1", "--key", str(tmp_path / "none.key"), "--backend", "vllm"]
     assert run_cli(monkeypatch, *argv) == 2
     assert "--backend hf" in capsys.readouterr().err
+
+
+def test_chain_entries_are_verified_on_arrival_even_while_the_compute_thread_is_busy(tmp_path: Path) -> None:
+    """Attestations (and admissions, revocations) never queue behind an evaluation, and are still verified."""
+    chain = ChainBuilder(workers=2)
+    chain.add(chain.iteration())
+    state, _ = ledger.start(chain.stored[0])
+    state, _ = ledger.advance(state, chain.stored[1])
+    attestation = chain.add(chain.attestation(chain.workers[0], 1, bytes(32)))
+    forged = bytearray(chain.add(chain.attestation(chain.workers[1], 1, bytes(32))))
+    forged[-1] ^= 1  # the coordinator's seal no longer matches
+    key = identity.generate_key()
+    daemon = Daemon(WorkerConfig("unused", tmp_path / "unused.key"), key, hf_backend, EventLog(True, io.StringIO()))
+    # Chain bookkeeping needs no replica, backend or model.
+    daemon.site = Site(None, state, None, None, None)  # type: ignore[arg-type]
+    evaluating = threading.Event()
+
+    async def scenario() -> None:
+        busy = daemon.pool.submit(evaluating.wait)  # a member being evaluated
+        try:
+            await asyncio.wait_for(daemon.on_entry(pb.LedgerEntry(index=2, stored=attestation)), 5)
+            assert daemon.require_site().next_index == 3
+            with pytest.raises(ledger.LedgerError):
+                await daemon.on_entry(pb.LedgerEntry(index=3, stored=bytes(forged)))
+            assert daemon.require_site().next_index == 3
+            assert not busy.done()
+        finally:
+            evaluating.set()
+            daemon.pool.shutdown()
+
+    asyncio.run(scenario())
