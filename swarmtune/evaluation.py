@@ -164,8 +164,10 @@ def lowrank_deltas(
     noise: NoiseConfig,
     dtype: torch.dtype,
     device: torch.device | str,
+    cache: NoiseCache | None = None,
 ) -> list[LowRankDelta]:
-    """The factor stacks of every low-rank tensor for a population (antithetic pairs share a draw)."""
+    """The factor stacks of every low-rank tensor for a population (antithetic pairs share a draw;
+    `cache` keeps them for the update)."""
     seeds = list(dict.fromkeys(m.seed for m in members))
     draw = torch.tensor([seeds.index(m.seed) for m in members], device=device)
     signs = torch.tensor([m.sign for m in members], dtype=torch.float64, device=device)
@@ -174,7 +176,7 @@ def lowrank_deltas(
     for index, spec in enumerate(state.specs):
         if spec.treatment != "lowrank":
             continue
-        a, b = population_factors(seeds, index, spec.shape[0], spec.shape[1], noise.rank, device)
+        a, b = (cache.factors if cache is not None else population_factors)(seeds, index, spec.shape[0], spec.shape[1], noise.rank, device)
         a_t = (a[draw].transpose(1, 2).to(torch.float64) * scales).to(dtype)
         b_t = b[draw].transpose(1, 2).to(dtype).contiguous()
         deltas.append(LowRankDelta(spec.name.removesuffix(".weight"), b_t, a_t))
@@ -214,7 +216,7 @@ class HFEvaluator:
     """Evaluates ES members on a Hugging Face causal LM whose weights are derived from a master state.
 
     Call set_center after the master state changes (for example after an update was applied).
-    `noise_cache` keeps each seed's dense noise for its antithetic twin and the update that follows.
+    `noise_cache` keeps each seed's noise (dense, or low-rank factors) for its antithetic twin and the update that follows.
     """
 
     def __init__(
@@ -313,7 +315,7 @@ class HFEvaluator:
         """All members in one greedy generation (chunked by whole members when max_rows is set)."""
         self._show_center()
         dtype = self.trainable[0][2].dtype
-        deltas = lowrank_deltas(self.state, members, self.sigma_int, self.noise, dtype, self.device)
+        deltas = lowrank_deltas(self.state, members, self.sigma_int, self.noise, dtype, self.device, self.noise_cache)
         per_chunk = max(1, self.max_rows // batch.rows) if self.max_rows else len(members)
         texts: list[str] = []
         for start in range(0, len(members), per_chunk):

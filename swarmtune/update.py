@@ -101,7 +101,7 @@ def tensor_delta(
         out_features, in_features = spec.shape
         seeds = list(weights)
         # Columns seed-major, then rank: A is out × (seeds·r), B is in × (seeds·r).
-        a, b = population_factors(seeds, tensor_index, out_features, in_features, noise.rank, device)
+        a, b = (cache.factors if cache is not None else population_factors)(seeds, tensor_index, out_features, in_features, noise.rank, device)
         a = a.permute(1, 0, 2).reshape(out_features, -1)
         b = b.permute(1, 0, 2).reshape(in_features, -1)
         scale = lowrank_scale(noise.rank)

@@ -1,4 +1,4 @@
-"""The worker's noise cache: hits are exactly a regeneration; the update and members come out the same; bounded."""
+"""The worker's noise cache (dense noise, low-rank factors): hits are exactly a regeneration; the update and members come out the same; bounded."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from swarmtune import update
-from swarmtune.noise import NoiseConfig, dense_noise_map, noise_alphabet
+from swarmtune.noise import NoiseConfig, dense_noise_map, noise_alphabet, population_factors
 from swarmtune.noisecache import NoiseCache
 from swarmtune.seeds import population
 from swarmtune.state import MasterState, TensorSpec
@@ -61,3 +61,30 @@ def test_members_then_the_update_through_the_cache_give_the_same_bytes(distribut
     update.apply_iteration_(cached, change, noise, cache=cache)
     assert all(torch.equal(a, b) for a, b in zip(plain.q, cached.q))
     assert (cache.bytes_held > 0) == (budget > 0)
+
+
+def test_lowrank_factors_hit_per_seed_and_come_out_as_drawn_together() -> None:
+    cache = NoiseCache(1 << 20)
+    part = cache.factors([11, 12], 3, 40, 24, 2, "cpu")  # what one worker evaluated
+    whole = cache.factors([13, 11, 14, 12], 3, 40, 24, 2, "cpu")  # what the update needs: two hits, two drawn
+    assert all(torch.equal(x, y) for x, y in zip(whole, population_factors([13, 11, 14, 12], 3, 40, 24, 2)))
+    assert all(torch.equal(x, y) for x, y in zip(part, population_factors([11, 12], 3, 40, 24, 2)))
+    assert cache.bytes_held == 4 * (40 + 24) * 2  # int8, each seed once
+    assert not torch.equal(cache.factors([11], 4, 40, 24, 2, "cpu")[0], whole[0][1:2])  # another matrix, another draw
+
+
+@pytest.mark.parametrize("budget", [0, 150, 1 << 22])  # none, some seeds evicted, all held
+def test_lowrank_members_then_the_update_through_the_cache_give_the_same_bytes(budget: int) -> None:
+    noise = NoiseConfig("lowrank", rank=2)
+    specs = (TensorSpec("a", (30, 20), 38, "lowrank"), TensorSpec("b", (7,), 36, "dense"), TensorSpec("c", (9, 30), 40, "lowrank"))
+    plain = MasterState(specs, tuple(torch.arange(s.numel, dtype=torch.int64).view(s.shape) * 7_919 - 5 for s in specs))
+    cached = plain.clone()
+    cache = NoiseCache(budget)
+    members = population(8, 4, 8, antithetic=True)
+    for index, spec in enumerate(specs):  # one worker's batch: half of the population
+        if spec.treatment == "lowrank":
+            cache.factors([m.seed for m in members[:4:2]], index, *spec.shape, noise.rank, "cpu")
+    change = update.IterationUpdate(members, (9_001, -3, 123_456_789, 0, -5_000_000, 42, 7, -7))
+    update.apply_iteration_(plain, change, noise)
+    update.apply_iteration_(cached, change, noise, cache=cache)
+    assert all(torch.equal(a, b) for a, b in zip(plain.q, cached.q))

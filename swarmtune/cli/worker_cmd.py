@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--capacity", type=positive_int, default=16, help="members to evaluate per iteration (default 16)")
     parser.add_argument(
         "--noise-cache-mb", type=non_negative_int, default=1024, metavar="MB",
-        help="memory for dense noise drawn during evaluation, reused by the update (default 1024; 0 disables)",
+        help="memory for noise (dense, or low-rank factors) drawn during evaluation, reused by the update (default 1024; 0 disables)",
     )  # fmt: skip
     parser.add_argument("--operator", default="", help="who runs this worker; replicas of a member avoid one operator")
     parser.add_argument("--log-json", action="store_true", help="log JSON lines instead of human-readable lines")
