@@ -133,10 +133,11 @@ class ReplayResult:
 
 
 def verified_entries(stored: Iterable[bytes], coordinator_key: bytes | None = None) -> Iterable[StoredEntry]:
-    """Parse stored entries while verifying the chain; raises ledger.LedgerError at the first bad one."""
+    """Parse stored entries while verifying the chain (results' signatures on every core); raises
+    ledger.LedgerError at the first bad one."""
     chain: ledger.ChainState | None = None
-    for data in stored:
-        chain, entry = ledger.start(data, coordinator_key) if chain is None else ledger.advance(chain, data)
+    for data, vouched in ledger.prechecked(stored):
+        chain, entry = ledger.start(data, coordinator_key) if chain is None else ledger.advance(chain, data, vouched)
         yield entry
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import pytest
@@ -14,7 +15,9 @@ from tests.ledger_factory import BASE_STATE, ChainBuilder, sound_chain
 
 
 def _problem(stored: list[bytes], **kwargs: object) -> ledger.Problem:
-    report = ledger.verify_chain(stored, **kwargs)  # type: ignore[arg-type]
+    # Results checked ahead on other threads change nothing: the same first problem, the same report.
+    report, threaded = (ledger.verify_chain(stored, threads=n, **kwargs) for n in (1, 4))  # type: ignore[arg-type]
+    assert report == threaded
     assert not report.ok, "verification passed a ledger it should have failed"
     assert report.problem is not None
     return report.problem
@@ -43,12 +46,25 @@ def test_sound_ledger_verifies_and_counts_what_it_checked() -> None:
     chain = sound_chain(iterations=3)
     report = ledger.verify_chain(chain.stored, identity.public_key_bytes(chain.coordinator))
     assert report.ok, report.problem
+    assert report == ledger.verify_chain(chain.stored, identity.public_key_bytes(chain.coordinator), threads=1)
     assert report.entries == len(chain.stored) and report.job_id == "job-test"
     assert report.head_hash == entries.parse_entry(chain.stored[-1]).hash
     kinds = {"genesis": 1, "iteration": 3, "admission": 1, "attestation": 1, "checkpoint": 1, "revocation": 1}
     assert report.kinds == kinds
     assert report.worker_signatures == 3 * 4 + 1 + 2
     assert report.to_json()["ok"] is True
+
+
+def test_results_checked_ahead_are_exactly_those_whose_signatures_verify() -> None:
+    original, stored = _reward_edited_by_the_coordinator()
+    with ThreadPoolExecutor(2) as pool:
+        checked = ledger.checked_results([*stored, b"not an entry"], pool)
+    results = entries.parse_entry(stored[1]).entry.body.results  # type: ignore[union-attr]
+    assert checked == {(r.body, r.signature) for i, r in enumerate(results) if i != 1}  # result 1 is forged
+    assert (original.body, original.signature) not in checked  # never recorded, so never checked
+    mine = {(results[0].body, results[0].signature)}
+    with ThreadPoolExecutor(2) as pool:
+        assert ledger.checked_results(stored, pool, skip=mine) == checked - mine  # a worker's own: not checked again
 
 
 def test_incremental_advance_agrees_with_whole_chain_verification() -> None:

@@ -190,7 +190,7 @@ def test_chain_entries_are_verified_on_arrival_even_while_the_compute_thread_is_
     key = identity.generate_key()
     daemon = Daemon(WorkerConfig("unused", tmp_path / "unused.key"), key, hf_backend, EventLog(True, io.StringIO()))
     # Chain bookkeeping needs no replica, backend or model.
-    daemon.site = Site(None, state, None, None, None)  # type: ignore[arg-type]
+    daemon.site = Site(None, state, None, None, None, daemon.verifier)  # type: ignore[arg-type]
     evaluating = threading.Event()
 
     async def scenario() -> None:
@@ -205,5 +205,6 @@ def test_chain_entries_are_verified_on_arrival_even_while_the_compute_thread_is_
         finally:
             evaluating.set()
             daemon.pool.shutdown()
+            daemon.verifier.shutdown()
 
     asyncio.run(scenario())

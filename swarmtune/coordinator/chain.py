@@ -58,17 +58,18 @@ class History:
 
 
 def recover(stored_entries: Iterable[bytes], coordinator_key: bytes, tolerance: float) -> History:
-    """Verify the whole stored chain (pinning our coordinator key) and summarize it."""
+    """Verify the whole stored chain (pinning our coordinator key; results' signatures on every core)
+    and summarize it."""
     history: History | None = None
     state: ledger.ChainState | None = None
-    for stored in stored_entries:
+    for stored, vouched in ledger.prechecked(stored_entries):
         if state is None:
             state, entry = ledger.start(stored, coordinator_key)
             genesis = entry.entry.body
             assert isinstance(genesis, Genesis)  # ledger.start checked it
             history = History(genesis, entry.hash, entry, set(genesis.admitted_workers), set())
         else:
-            state, entry = ledger.advance(state, stored)
+            state, entry = ledger.advance(state, stored, vouched)
             assert history is not None
             history.note(entry)
             if isinstance(entry.entry.body, Iteration):  # recounted from what was recorded

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import os
 import random
 import signal
 import time
@@ -90,6 +91,9 @@ class Daemon:
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="swarmtune-compute")
         # Hashing the state for an attestation reads the replica beside evaluation, never beside an apply.
         self.hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="swarmtune-attest")
+        # Other workers' result signatures in an entry are checked on every core (a big population's
+        # entry holds thousands); Ed25519 verification releases the GIL.
+        self.verifier = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="swarmtune-verify")
         self.attesting: asyncio.Task[None] | None = None
         self.stop = asyncio.Event()
         self.wake = asyncio.Event()  # new members to evaluate
@@ -131,6 +135,7 @@ class Daemon:
             await asyncio.gather(self.evaluator, return_exceptions=True)
             self.pool.shutdown(wait=False, cancel_futures=True)
             self.hasher.shutdown(wait=False, cancel_futures=True)
+            self.verifier.shutdown(wait=False, cancel_futures=True)
         if self.fatal is not None:
             raise WorkerFailure(f"evaluation failed ({describe(self.fatal)}); fix the task or backend and restart the worker")
         return 0
@@ -226,7 +231,7 @@ class Daemon:
 
     def open_genesis(self, stored: bytes) -> Site:
         """The site of the job whose genesis this is (on the compute thread: it loads the model)."""
-        site = open_site(stored, self.config, self.make_backend, self.loaded)
+        site = open_site(stored, self.config, self.make_backend, self.loaded, self.verifier)
         self.loaded = None  # the site owns the model now
         self.log("genesis", job=site.job.spec.job_id, state_hash=site.replica.state_hash().hex())
         return site

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -38,12 +39,15 @@ class Job:
 class Site:
     """Advances entry by entry: every entry verified against the chain before an iteration is applied."""
 
-    def __init__(self, job: Job, chain: ledger.ChainState, replica: Replica, backend: Backend, noise_cache: NoiseCache) -> None:
+    def __init__(
+        self, job: Job, chain: ledger.ChainState, replica: Replica, backend: Backend, noise_cache: NoiseCache, verifier: ThreadPoolExecutor
+    ) -> None:
         self.job = job
         self.chain = chain
         self.replica = replica
         self._backend = backend
         self._noise_cache = noise_cache  # the backend's too: members' noise, drawn again by the update
+        self._verifier = verifier  # checks other workers' result signatures on every core
         self._center_iteration = 0  # the backend was built on the base state
 
     @property
@@ -53,7 +57,8 @@ class Site:
     def accept(self, stored: bytes, vouched: ledger.Vouched = ()) -> StoredEntry:
         """Verify the next entry (seal, chain, signatures, bindings; `vouched`: our own signed results);
         apply it if it closes an iteration."""
-        chain, entry = ledger.advance(self.chain, stored, vouched)
+        checked = ledger.checked_results([stored], self._verifier, skip=vouched)
+        chain, entry = ledger.advance(self.chain, stored, {*vouched, *checked})
         if isinstance(entry.entry.body, Iteration):
             self.replica.apply(entry.entry.body, self._noise_cache)
         self.chain = chain
@@ -77,7 +82,9 @@ def load_base_model(model: str, device: str) -> LoadedModel:
     return LoadedModel(*load_model(resolve_model(model), device=device))
 
 
-def open_site(stored_genesis: bytes, config: WorkerConfig, make_backend: BackendFactory, loaded: LoadedModel | None) -> Site:
+def open_site(
+    stored_genesis: bytes, config: WorkerConfig, make_backend: BackendFactory, loaded: LoadedModel | None, verifier: ThreadPoolExecutor
+) -> Site:
     """Verify genesis, load the base model (unless `loaded` already holds `config.model`), check its
     state hash against genesis, load the tasks."""
     chain, entry = ledger.start(stored_genesis)
@@ -89,4 +96,4 @@ def open_site(stored_genesis: bytes, config: WorkerConfig, make_backend: Backend
     retention = load_task(spec.retention_task, tokenizer=base.tokenizer, **spec.retention_options) if spec.retention_task else None
     job = Job(spec, entry.hash, task, retention)
     cache = NoiseCache(config.noise_cache_mb << 20)
-    return Site(job, chain, replica, make_backend(base.model, base.tokenizer, replica.base, spec, config.device, cache), cache)
+    return Site(job, chain, replica, make_backend(base.model, base.tokenizer, replica.base, spec, config.device, cache), cache, verifier)
