@@ -344,6 +344,8 @@ def checked_results(stored_entries: Iterable[bytes], pool: ThreadPoolExecutor, s
             continue
         if isinstance(body, Iteration):
             results.extend(r for r in body.results if (r.body, r.signature) not in skip)
+    if len(results) <= RESULT_CHUNK:  # one chunk: here, without a hand-over to the pool
+        return frozenset(_good_results(results))
     chunks = [results[i : i + RESULT_CHUNK] for i in range(0, len(results), RESULT_CHUNK)]
     return frozenset(pair for good in pool.map(_good_results, chunks) for pair in good)
 

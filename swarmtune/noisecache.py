@@ -47,14 +47,14 @@ class NoiseCache:
             a, b = population_factors(missing, tensor_index, out_features, in_features, rank, device)
             for seed, pair in zip(missing, zip(a, b)):
                 found[seed] = pair
-                self._keep(("lowrank", seed, *shape), pair)
+                self._keep(("lowrank", seed, *shape), (pair[0].clone(), pair[1].clone()))  # not views of the batch
             if len(missing) == len(seeds):
                 return a, b
         return torch.stack([found[seed][0] for seed in seeds]), torch.stack([found[seed][1] for seed in seeds])
 
     def _keep(self, key: tuple[object, ...], tensors: tuple[torch.Tensor, ...]) -> None:
         size = sum(t.numel() * t.element_size() for t in tensors)
-        if size > self.budget_bytes:
+        if size > self.budget_bytes or key in self._held:
             return
         while self._bytes + size > self.budget_bytes:
             _, evicted = self._held.popitem(last=False)

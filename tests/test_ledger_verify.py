@@ -67,6 +67,17 @@ def test_results_checked_ahead_are_exactly_those_whose_signatures_verify() -> No
         assert ledger.checked_results(stored, pool, skip=mine) == checked - mine  # a worker's own: not checked again
 
 
+def test_a_forged_result_among_many_is_caught_on_the_pool_too() -> None:
+    chain = ChainBuilder()
+    honest = chain.iteration(members=3 * ledger.RESULT_CHUNK)  # several chunks: checked on the pool
+    forged = replace(honest.results[200], signature=bytes(64))
+    stored = _one_iteration(chain, members=len(honest.members), results=(*honest.results[:200], forged, *honest.results[201:]))
+    with ThreadPoolExecutor(2) as pool:
+        checked = ledger.checked_results(stored, pool)
+    assert checked == {(r.body, r.signature) for r in honest.results} - {(forged.body, honest.results[200].signature)}
+    assert "result 200: worker signature invalid" in _problem(stored).message
+
+
 def test_incremental_advance_agrees_with_whole_chain_verification() -> None:
     chain = sound_chain(iterations=2)
     state, _ = ledger.start(chain.stored[0])
