@@ -340,9 +340,6 @@ class Job:
             raise
         if current.appended is not None:
             current.appended.set_result(None)
-        # Let the subscription streams take the entry before the bookkeeping and the next opening:
-        # every worker's verify-and-apply then overlaps them instead of following them.
-        await asyncio.sleep(0)
         alerts = closing.body.alerts
         done = now_ms()
         figures = figures_of(
@@ -371,6 +368,9 @@ class Job:
         if alerts:
             log.warning("retention alert", extra={"iteration": closing.body.iteration, "alerts": list(alerts)})
             self._paused = self.spec.pause_on_alert
+        # Let the subscription streams take the entry before the next opening: every worker's
+        # verify-and-apply then overlaps the opening instead of following it.
+        await asyncio.sleep(0)
         await self._advance()
 
     async def _seal(self, current: Round) -> tuple[Closing, StoredEntry]:
