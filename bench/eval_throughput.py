@@ -15,7 +15,8 @@ import torch
 import transformers
 
 from swarmtune.evaluation import HFEvaluator, decode_completions, encode_prompts, greedy_tokens, mean_reward
-from swarmtune.models import build_random_model, load_model
+from swarmtune.modelbuild import build_random_model
+from swarmtune.models import load_model
 from swarmtune.noise import NoiseConfig
 from swarmtune.seeds import MemberNoise, population
 from swarmtune.state import MasterState, build_plan, master_from_model, write_weights

@@ -34,7 +34,8 @@ from typing import Any
 import torch
 
 from swarmtune.evaluation import HFEvaluator
-from swarmtune.models import build_random_model, load_model
+from swarmtune.modelbuild import build_random_model
+from swarmtune.models import load_model
 from swarmtune.noise import NoiseConfig
 from swarmtune.seeds import population
 from swarmtune.shaping import coefficients

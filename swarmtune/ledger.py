@@ -350,9 +350,30 @@ def checked_results(stored_entries: Iterable[bytes], pool: ThreadPoolExecutor, s
     return frozenset(pair for good in pool.map(_good_results, chunks) for pair in good)
 
 
-def prechecked(stored_entries: Iterable[bytes], threads: int | None = None) -> Iterator[tuple[bytes, Vouched]]:
-    """Each stored entry, with the results whose signatures `threads` threads (None: one per CPU)
-    verified ahead of the sequential checks: `advance(state, stored, vouched)` then checks the rest."""
+def walk(
+    stored_entries: Iterable[bytes],
+    state: ChainState | None = None,
+    coordinator_key: bytes | None = None,
+    vouched: Vouched = (),
+    threads: int | None = None,
+) -> Iterator[tuple[ChainState, StoredEntry]]:
+    """THE verified walk over a ledger: each entry checked against the chain so far, then yielded with
+    the chain state after it (parsed once). From genesis (`state` None, optionally pinning the
+    coordinator key) or from a state already reached; raises LedgerError at the first bad entry.
+    Results' signatures are checked ahead on `threads` threads (None: one per CPU); those in `vouched`
+    are taken as made (a worker's own)."""
+    for stored, checked in prechecked(stored_entries, threads, skip=vouched):
+        taken = {*vouched, *checked} if vouched else checked
+        state, entry = start(stored, coordinator_key) if state is None else advance(state, stored, taken)
+        yield state, entry
+
+
+def prechecked(
+    stored_entries: Iterable[bytes], threads: int | None = None, skip: Vouched = ()
+) -> Iterator[tuple[bytes, Vouched]]:
+    """Each stored entry, with the results (but those in `skip`) whose signatures `threads` threads
+    (None: one per CPU) verified ahead of the sequential checks: `advance(state, stored, vouched)`
+    then checks the rest."""
     threads = threads or os.cpu_count() or 1
     if threads == 1:
         yield from ((stored, ()) for stored in stored_entries)
@@ -360,7 +381,7 @@ def prechecked(stored_entries: Iterable[bytes], threads: int | None = None) -> I
     it = iter(stored_entries)
     with ThreadPoolExecutor(threads, thread_name_prefix="swarmtune-verify") as pool:
         while window := list(itertools.islice(it, PRECHECK_WINDOW)):
-            checked = checked_results(window, pool)
+            checked = checked_results(window, pool, skip)
             yield from ((stored, checked) for stored in window)
 
 
@@ -426,8 +447,7 @@ def verify_chain(stored_entries: Iterable[bytes], coordinator_key: bytes | None 
     signatures = 0
     problem = None
     try:
-        for stored, vouched in prechecked(stored_entries, threads):
-            state, entry = start(stored, coordinator_key) if state is None else advance(state, stored, vouched)
+        for state, entry in walk(stored_entries, coordinator_key=coordinator_key, threads=threads):
             kinds[entry.kind] += 1
             signatures += _signature_count(entry)
     except LedgerError as exc:

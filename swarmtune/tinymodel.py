@@ -22,7 +22,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from swarmtune.models import ModelResolutionError, build_tokenizer, initialise_weights, tiny_llama_config
+from swarmtune.modelbuild import build_tokenizer, initialise_weights, tiny_llama_config
+from swarmtune.modelpaths import ModelResolutionError
 from swarmtune.tasks.base import DatasetTask, Example
 from swarmtune.tasks.demo import addition_task, exact_match, reversal_task
 
@@ -394,7 +395,7 @@ def verify_manifest(directory: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     """`python -m swarmtune.tinymodel [--out DIR [--ship]]`: install builtin:tiny into the cache, or
     pretrain it anew into DIR (and make that build the one the package ships)."""
-    from swarmtune.models import cache_root
+    from swarmtune.modelpaths import cache_root
 
     parser = argparse.ArgumentParser(prog="python -m swarmtune.tinymodel", description=main.__doc__)
     parser.add_argument("--out", type=Path, help="pretrain into this directory (default: install into the swarmtune cache)")

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator, Protocol
 import pytest
 
 from swarmtune import entries, identity, ledgerfile
-from swarmtune.cli.demo_cluster import child_env
+from swarmtune.demo.cluster import child_env
 from swarmtune.entries import Iteration, Signed
 from tests.tcp_proxy import TcpProxy
 from tests.zygote import Zygote

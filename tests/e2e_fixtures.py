@@ -22,7 +22,7 @@ def zygote() -> Iterator[Zygote]:
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Llama (character tokenizer), built once per session."""
-    from swarmtune.models import build_random_model
+    from swarmtune.modelbuild import build_random_model
 
     return build_random_model(tmp_path_factory.mktemp("e2e-model"), hidden=32, layers=1, heads=2, intermediate=64)
 

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from swarmtune.models import build_random_model, resolve_model
+from swarmtune.modelbuild import build_random_model
+from swarmtune.models import resolve_model
 
 
 @pytest.fixture(scope="session")

@@ -78,7 +78,7 @@ def _poll_until(cluster: Cluster, coordinator: Proc, done: Callable[[JobStatus],
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[Run]:
-    from swarmtune.models import build_random_model
+    from swarmtune.modelbuild import build_random_model
 
     root = tmp_path_factory.mktemp("client-job")
     model_dir = build_random_model(root / "model", hidden=32, layers=1, heads=2, intermediate=64)

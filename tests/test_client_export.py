@@ -14,7 +14,8 @@ from swarmtune.client.export import PROVENANCE_FILE, ExportError, export_model
 from swarmtune.coordinator.server import genesis_from_model
 from swarmtune.fixedpoint import derive
 from swarmtune.jobspec import parse_job_spec
-from swarmtune.models import build_random_model, load_model
+from swarmtune.modelbuild import build_random_model
+from swarmtune.models import load_model
 from swarmtune.replay import base_state
 
 

@@ -15,9 +15,9 @@ from typing import Callable, Iterator
 import pytest
 
 from swarmtune import ledger, ledgerfile
-from swarmtune.cli.demo_follow import Checkpoint
-from swarmtune.cli.demo_job import DemoJob
-from swarmtune.cli.demo_progress import Display, progress_line
+from swarmtune.demo.follow import Checkpoint
+from swarmtune.demo.job import DemoJob
+from swarmtune.demo.progress import Display, progress_line
 from swarmtune.client.status import IterationSummary, JobStatus
 from swarmtune.embedded_redis import open_store
 from swarmtune.jobspec import load_job_spec, parse_job_spec

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from swarmtune.models import build_tokenizer
+from swarmtune.modelbuild import build_tokenizer
 from swarmtune.tasks.base import Task, columns_of
 from swarmtune.tasks.demo import (
     HELD_OUT_SIZE,

@@ -23,7 +23,8 @@ from swarmtune.evaluation import (
     uses_lowrank_batching,
 )
 from swarmtune.fixedpoint import derive
-from swarmtune.models import build_random_model, load_model
+from swarmtune.modelbuild import build_random_model
+from swarmtune.models import load_model
 from swarmtune.noise import NoiseConfig
 from swarmtune.seeds import MemberNoise, population
 from swarmtune.shaping import sigma_integer

@@ -6,7 +6,8 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "swarmtune"
-ROLES = ("swarmtune.coordinator", "swarmtune.worker", "swarmtune.client", "swarmtune.cli")
+# cli and demo know every role; the three roles know only the core.
+ROLES = ("swarmtune.coordinator", "swarmtune.worker", "swarmtune.client", "swarmtune.cli", "swarmtune.demo")
 
 
 def is_within(module: str, packages: tuple[str, ...]) -> bool:

@@ -10,15 +10,8 @@ import torch
 from transformers import AutoTokenizer
 
 from swarmtune import models
-from swarmtune.models import (
-    CHARACTERS,
-    ModelResolutionError,
-    build_random_model,
-    build_tokenizer,
-    load_model,
-    portable_uniform_init,
-    resolve_model,
-)
+from swarmtune.modelbuild import CHARACTERS, build_random_model, build_tokenizer, portable_uniform_init
+from swarmtune.models import ModelResolutionError, load_model, resolve_model
 
 SMALL = {"hidden": 32, "layers": 1, "heads": 2, "intermediate": 64}
 

@@ -10,7 +10,7 @@ import torch
 
 from swarmtune import entries, identity, ledger, ledgerfile, shaping, state
 from swarmtune.entries import Iteration, WorkerResult
-from swarmtune.models import build_tokenizer
+from swarmtune.modelbuild import build_tokenizer
 from swarmtune.noise import NoiseConfig
 from swarmtune.replay import ReplayError, base_state, genesis_plan, replay, replica_from_genesis, verified_entries
 from swarmtune.seeds import population

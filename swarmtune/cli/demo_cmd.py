@@ -12,13 +12,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from swarmtune.cli import CommandError, positive_int
-from swarmtune.cli.demo_job import DemoJob
+from swarmtune.demo.job import DemoJob
 
 if TYPE_CHECKING:
-    from swarmtune.cli.demo_cluster import Cluster
-    from swarmtune.cli.demo_follow import Follower
-    from swarmtune.cli.demo_progress import Display
-    from swarmtune.cli.demo_report import Summary
+    from swarmtune.demo.cluster import Cluster
+    from swarmtune.demo.follow import Follower
+    from swarmtune.demo.progress import Display
+    from swarmtune.demo.report import Summary
     from swarmtune.client.audit import AuditReport
     from swarmtune.client.status import JobStatus
     from swarmtune.jobspec import JobSpec
@@ -129,7 +129,8 @@ def write_job_file(path: Path, text: str) -> None:
 
 def build_model(spec: JobSpec, display: Display) -> tuple[Path, float]:
     """The base model's directory, and the seconds spent installing it (builtin:tiny, first use only)."""
-    from swarmtune.models import ModelResolutionError, cache_root, resolve_model
+    from swarmtune.modelpaths import cache_root
+    from swarmtune.models import ModelResolutionError, resolve_model
     from swarmtune.tinymodel import MANIFEST, tiny_dir
 
     building = not (tiny_dir(cache_root()) / MANIFEST).is_file()
@@ -147,7 +148,7 @@ def wait_ready(stub: Any, cluster: Cluster, spec: JobSpec) -> JobStatus:
     """The first status the coordinator answers with; CommandError if it stops or never listens."""
     import grpc
 
-    from swarmtune.cli.demo_progress import fetch_status
+    from swarmtune.demo.progress import fetch_status
 
     deadline = time.monotonic() + START_TIMEOUT_S
     while True:
@@ -169,8 +170,8 @@ def follow_job(cluster: Cluster, prepared: Prepared, every: int, display: Displa
     """Show live progress until the job finishes, replaying the ledger as it grows."""
     import grpc
 
-    from swarmtune.cli.demo_follow import Follower, fetch_entries
-    from swarmtune.cli.demo_progress import fetch_status, progress_line
+    from swarmtune.demo.follow import Follower, fetch_entries
+    from swarmtune.demo.progress import fetch_status, progress_line
     from swarmtune.wire.service_pb2_grpc import CoordinatorStub
 
     spec = prepared.spec
@@ -199,7 +200,7 @@ def follow_job(cluster: Cluster, prepared: Prepared, every: int, display: Displa
 
 def prepare(args: argparse.Namespace, display: Display, started: float) -> Prepared:
     """The job spec written to the work directory, the base model built, the coordinator's key."""
-    from swarmtune.cli.demo_cluster import ensure_key
+    from swarmtune.demo.cluster import ensure_key
     from swarmtune.jobspec import parse_job_spec
 
     job = demo_job(args)
@@ -212,7 +213,7 @@ def prepare(args: argparse.Namespace, display: Display, started: float) -> Prepa
 
 def train(args: argparse.Namespace, prepared: Prepared, display: Display) -> Follower:
     """Run the job on a coordinator and workers; every one of them is stopped on the way out, Ctrl-C included."""
-    from swarmtune.cli.demo_cluster import running_cluster
+    from swarmtune.demo.cluster import running_cluster
 
     spec, workdir = prepared.spec, prepared.workdir
     display.note(f"swarmtune demo: {args.workers} workers, population {spec.population}, {spec.iterations} iterations; logs in {workdir}")
@@ -238,7 +239,7 @@ def audit_problem(report: AuditReport, follower: Follower) -> str | None:
 
 def conclude(args: argparse.Namespace, prepared: Prepared, follower: Follower) -> Summary:
     """Export the ledger, audit it with replay, plot the curves, and sum it all up."""
-    from swarmtune.cli.demo_report import Summary, audit_ledger, export_ledger, read_ledger, save_plot
+    from swarmtune.demo.report import Summary, audit_ledger, export_ledger, read_ledger, save_plot
 
     workdir = prepared.workdir
     stored = read_ledger(workdir / "redis", prepared.spec.job_id)
@@ -278,8 +279,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from transformers.utils import logging as hf_logging
 
-    from swarmtune.cli.demo_progress import Display
-    from swarmtune.cli.demo_report import describe
+    from swarmtune.demo.progress import Display
+    from swarmtune.demo.report import describe
     from swarmtune.ledger import LedgerError
     from swarmtune.replay import ReplayError
     from swarmtune.store import StoreError

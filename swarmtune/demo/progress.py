@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
-    from swarmtune.cli.demo_follow import Checkpoint
+    from swarmtune.demo.follow import Checkpoint
     from swarmtune.client.status import IterationSummary, JobStatus
     from swarmtune.jobspec import JobSpec
 

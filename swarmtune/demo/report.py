@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from swarmtune.cli.demo_follow import Checkpoint
+from swarmtune.demo.follow import Checkpoint
 
 if TYPE_CHECKING:
     from swarmtune.client.audit import AuditReport
