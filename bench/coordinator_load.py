@@ -30,7 +30,7 @@ from swarmtune.embedded_redis import EmbeddedRedis  # noqa: E402
 from swarmtune.store import connect  # noqa: E402
 from swarmtune.wire import service_pb2 as pb  # noqa: E402
 from swarmtune.wire.service_pb2_grpc import CoordinatorStub  # noqa: E402
-from tests.coordinator_harness import CoordinatorProcess, SimWorker, channel, spec_text, write_genesis  # noqa: E402
+from tests.support.coordinator_harness import CoordinatorProcess, SimWorker, channel, spec_text, write_genesis  # noqa: E402
 
 WORKER_COUNTS = (10, 100, 1000)
 CLIENT_PROCESSES = 2  # 2 cores: a few processes with many asyncio workers each
@@ -113,9 +113,7 @@ def run_size(workers: int, redis_url: str, work: Path) -> dict[str, float]:
         for process in clients:
             process.join(120)
     finally:
-        if coordinator.process is not None:
-            coordinator.process.terminate()
-            coordinator.wait(30)
+        coordinator.stop(30)
         for process in clients:
             if process.is_alive():
                 process.kill()

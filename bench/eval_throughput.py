@@ -14,7 +14,8 @@ from typing import Any, Callable
 import torch
 import transformers
 
-from swarmtune.evaluation import HFEvaluator, decode_completions, encode_prompts, greedy_tokens, mean_reward
+from swarmtune.backends.base import mean_reward
+from swarmtune.backends.hf import HFBackend, decode_completions, encode_prompts, greedy_tokens
 from swarmtune.modelbuild import build_random_model
 from swarmtune.models import load_model
 from swarmtune.noise import NoiseConfig
@@ -102,10 +103,10 @@ def run_reference(model: Any, tokenizer: Any, workload: Workload) -> list[float]
     return rewards
 
 
-def evaluator(model: Any, tokenizer: Any, family: str) -> tuple[HFEvaluator, MasterState]:
+def evaluator(model: Any, tokenizer: Any, family: str) -> tuple[HFBackend, MasterState]:
     noise = NoiseConfig(family=family, distribution="gaussian", rank=1)
     state = master_from_model(model, build_plan(model, family))
-    return HFEvaluator(model, tokenizer, state, noise, SIGMA, "cpu"), state
+    return HFBackend(model, tokenizer, state, noise, SIGMA, "cpu"), state
 
 
 def timed(run: Callable[[], list[float]]) -> tuple[float, float]:

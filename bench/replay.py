@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from swarmtune.evaluation import HFEvaluator
+from swarmtune.backends.hf import HFBackend
 from swarmtune.modelbuild import build_random_model
 from swarmtune.models import load_model
 from swarmtune.noise import NoiseConfig
@@ -85,7 +85,7 @@ def measure(model_dir: Path, family: str) -> Measured:
     noise = NOISE[family]
     base = master_from_model(model, build_plan(model, family))
     state, replayed = base.clone(), base.clone()
-    evaluator = HFEvaluator(model, tokenizer, state, noise, SIGMA, "cpu")
+    evaluator = HFBackend(model, tokenizer, state, noise, SIGMA, "cpu")
     train_s, replay_s = [], []
     for t in range(1, ITERATIONS + 1):
         members = population(JOB_SEED, t, POPULATION, antithetic=True)

@@ -182,10 +182,20 @@ def decode_signed(record_type: type[Record], data: bytes) -> Signed[Record]:
 
 @dataclass(frozen=True)
 class TensorSpec:
+    """One canonical tensor of the master state, as genesis plans it: its name, shape, fixed-point
+    exponent F and how ES treats it."""
+
     name: str
     shape: tuple[int, ...]
     exponent: int
-    treatment: str
+    treatment: str  # "dense" | "lowrank" | "frozen"
+
+    @property
+    def numel(self) -> int:
+        count = 1
+        for dim in self.shape:
+            count *= dim
+        return count
 
 
 @dataclass(frozen=True)

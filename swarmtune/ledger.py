@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import itertools
 import math
-import os
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from types import MappingProxyType
-from typing import Any, Callable, Collection, Iterable, Iterator, Mapping, Sequence, cast
+from typing import Any, Callable, Collection, Iterable, Iterator, Mapping, cast
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -26,17 +24,14 @@ from swarmtune.entries import (
     StoredEntry,
     WorkerResult,
 )
+from swarmtune.precheck import Signature, prechecked
 
 OTHER_HEAD = "bound to another ledger head than the one the iteration opened at"
 
 # (body, signature) pairs of results whose signatures the verifying party has established: a worker's
-# own (it made them), or results checked ahead on other threads (`prechecked`). Everything else about
+# own (it made them), or results checked ahead on other threads (precheck). Everything else about
 # them is still checked.
-Vouched = Collection[tuple[bytes, bytes]]
-
-# Results are checked ahead in chunks of this many (one pool task each), this many entries at a time.
-RESULT_CHUNK = 128
-PRECHECK_WINDOW = 64
+Vouched = Collection[Signature]
 
 
 class LedgerError(Exception):
@@ -220,13 +215,6 @@ def _genesis_problem(genesis: Genesis, expected_key: bytes | None) -> str | None
     return None
 
 
-def _parse(stored: bytes, index: int) -> StoredEntry:
-    try:
-        return entries.parse_entry(stored)
-    except entries.EntryError as exc:
-        raise LedgerError(index, exc.kind or "unknown", f"malformed: {exc}") from None
-
-
 def _genesis_entry_problem(entry: StoredEntry, expected_key: bytes | None) -> str | None:
     body = entry.entry.body
     if not isinstance(body, Genesis):
@@ -241,14 +229,12 @@ def _genesis_entry_problem(entry: StoredEntry, expected_key: bytes | None) -> st
     return None
 
 
-def start(stored: bytes, coordinator_key: bytes | None = None) -> tuple[ChainState, StoredEntry]:
-    """Check a genesis entry (optionally pinning the coordinator key) and return the chain state."""
-    entry = _parse(stored, 0)
+def _started(entry: StoredEntry, coordinator_key: bytes | None) -> ChainState:
     problem = _genesis_entry_problem(entry, coordinator_key)
     if problem:
         raise LedgerError(0, entry.kind, problem)
     body = cast(Genesis, entry.entry.body)
-    state = ChainState(
+    return ChainState(
         job_id=entry.entry.job_id,
         coordinator_key=identity.load_public_key(body.coordinator_key),
         base_state_hash=body.base_state_hash,
@@ -259,7 +245,6 @@ def start(stored: bytes, coordinator_key: bytes | None = None) -> tuple[ChainSta
         last_iteration=0,
         open_heads=frozenset([entry.hash]),
     )
-    return state, entry
 
 
 def _body_problem(state: ChainState, body: entries.Body, vouched: Vouched) -> str | None:
@@ -308,46 +293,11 @@ def _entry_problem(state: ChainState, entry: StoredEntry, vouched: Vouched) -> s
     return _body_problem(state, entry.entry.body, vouched)
 
 
-def advance(state: ChainState, stored: bytes, vouched: Vouched = ()) -> tuple[ChainState, StoredEntry]:
-    """Check the entry that follows `state`; raises LedgerError naming what is wrong. Result signatures
-    in `vouched` are taken as made; they must still match their records exactly."""
-    entry = _parse(stored, state.next_index)
+def _advanced(state: ChainState, entry: StoredEntry, vouched: Vouched) -> ChainState:
     problem = _entry_problem(state, entry, vouched)
     if problem:
         raise LedgerError(state.next_index, entry.kind, problem)
-    return _after(state, entry), entry
-
-
-def _good_results(results: Sequence[Signed[WorkerResult]]) -> list[tuple[bytes, bytes]]:
-    """(body, signature) of the results whose signature verifies under the worker key each names."""
-    keys: dict[bytes, Ed25519PublicKey | None] = {}
-    good = []
-    for signed in results:
-        worker = signed.record.worker_key
-        if worker not in keys:
-            keys[worker] = None if _key_problem(worker) else identity.load_public_key(worker)
-        key = keys[worker]
-        if key is not None and entries.verify_record(signed, key):
-            good.append((signed.body, signed.signature))
-    return good
-
-
-def checked_results(stored_entries: Iterable[bytes], pool: ThreadPoolExecutor, skip: Vouched = ()) -> frozenset[tuple[bytes, bytes]]:
-    """The results of these entries (but those in `skip`) whose signatures verify, checked on `pool`
-    (Ed25519 verification releases the GIL, so they use every core). Bytes that do not parse add
-    nothing: advance reports them."""
-    results: list[Signed[WorkerResult]] = []
-    for stored in stored_entries:
-        try:
-            body = entries.parse_entry(stored).entry.body
-        except entries.EntryError:
-            continue
-        if isinstance(body, Iteration):
-            results.extend(r for r in body.results if (r.body, r.signature) not in skip)
-    if len(results) <= RESULT_CHUNK:  # one chunk: here, without a hand-over to the pool
-        return frozenset(_good_results(results))
-    chunks = [results[i : i + RESULT_CHUNK] for i in range(0, len(results), RESULT_CHUNK)]
-    return frozenset(pair for good in pool.map(_good_results, chunks) for pair in good)
+    return _after(state, entry)
 
 
 def walk(
@@ -356,33 +306,33 @@ def walk(
     coordinator_key: bytes | None = None,
     vouched: Vouched = (),
     threads: int | None = None,
+    pool: ThreadPoolExecutor | None = None,
 ) -> Iterator[tuple[ChainState, StoredEntry]]:
-    """THE verified walk over a ledger: each entry checked against the chain so far, then yielded with
-    the chain state after it (parsed once). From genesis (`state` None, optionally pinning the
+    """THE verified walk over a ledger: each entry parsed once, checked against the chain so far, then
+    yielded with the chain state after it. From genesis (`state` None, optionally pinning the
     coordinator key) or from a state already reached; raises LedgerError at the first bad entry.
-    Results' signatures are checked ahead on `threads` threads (None: one per CPU); those in `vouched`
-    are taken as made (a worker's own)."""
-    for stored, checked in prechecked(stored_entries, threads, skip=vouched):
-        taken = {*vouched, *checked} if vouched else checked
-        state, entry = start(stored, coordinator_key) if state is None else advance(state, stored, taken)
-        yield state, entry
+    Results' signatures are checked ahead on `pool` (kept by the caller across walks) or else on
+    `threads` threads (None: one per CPU); those in `vouched` are taken as made (a worker's own)."""
+    for parsed, checked in prechecked(stored_entries, threads, vouched, pool):
+        index = 0 if state is None else state.next_index
+        if isinstance(parsed, entries.EntryError):
+            raise LedgerError(index, parsed.kind or "unknown", f"malformed: {parsed}")
+        if state is None:
+            state = _started(parsed, coordinator_key)
+        else:
+            state = _advanced(state, parsed, {*vouched, *checked} if vouched else checked)
+        yield state, parsed
 
 
-def prechecked(
-    stored_entries: Iterable[bytes], threads: int | None = None, skip: Vouched = ()
-) -> Iterator[tuple[bytes, Vouched]]:
-    """Each stored entry, with the results (but those in `skip`) whose signatures `threads` threads
-    (None: one per CPU) verified ahead of the sequential checks: `advance(state, stored, vouched)`
-    then checks the rest."""
-    threads = threads or os.cpu_count() or 1
-    if threads == 1:
-        yield from ((stored, ()) for stored in stored_entries)
-        return
-    it = iter(stored_entries)
-    with ThreadPoolExecutor(threads, thread_name_prefix="swarmtune-verify") as pool:
-        while window := list(itertools.islice(it, PRECHECK_WINDOW)):
-            checked = checked_results(window, pool, skip)
-            yield from ((stored, checked) for stored in window)
+def start(stored: bytes, coordinator_key: bytes | None = None) -> tuple[ChainState, StoredEntry]:
+    """Check a genesis entry (optionally pinning the coordinator key): the chain state after it."""
+    return next(walk([stored], coordinator_key=coordinator_key, threads=1))
+
+
+def advance(state: ChainState, stored: bytes, vouched: Vouched = ()) -> tuple[ChainState, StoredEntry]:
+    """Check the entry that follows `state`; raises LedgerError naming what is wrong. Result signatures
+    in `vouched` are taken as made; they must still match their records exactly."""
+    return next(walk([stored], state, vouched=vouched, threads=1))
 
 
 @dataclass(frozen=True)
@@ -439,9 +389,15 @@ def failed(problem: Problem) -> Report:
     return Report(0, None, None, {}, 0, problem)
 
 
-def verify_chain(stored_entries: Iterable[bytes], coordinator_key: bytes | None = None, threads: int | None = None) -> Report:
+def verify_chain(
+    stored_entries: Iterable[bytes],
+    coordinator_key: bytes | None = None,
+    threads: int | None = None,
+    on_entry: Callable[[StoredEntry], None] | None = None,
+) -> Report:
     """Verify a whole ledger, stopping at the first bad entry; results' signatures on `threads` threads
-    (None: one per CPU). Never raises on bad input."""
+    (None: one per CPU); `on_entry` sees each entry once it verified (the audit's further checks).
+    Never raises on bad input."""
     state: ChainState | None = None
     kinds: Counter[str] = Counter()
     signatures = 0
@@ -450,6 +406,8 @@ def verify_chain(stored_entries: Iterable[bytes], coordinator_key: bytes | None 
         for state, entry in walk(stored_entries, coordinator_key=coordinator_key, threads=threads):
             kinds[entry.kind] += 1
             signatures += _signature_count(entry)
+            if on_entry:
+                on_entry(entry)
     except LedgerError as exc:
         problem = Problem(exc.index, exc.kind, exc.message)
     if state is None and problem is None:

@@ -188,13 +188,6 @@ def dense_noise_map(seed: int, tensors: Sequence[tuple[int, int]], distribution:
     return values.index_select(0, kept)
 
 
-def dense_noise(
-    seed: int, tensor_index: int, numel: int, distribution: str, device: torch.device | str = "cpu"
-) -> torch.Tensor:
-    """The flat dense noise of one tensor for one seed (int8 ±1 or int16 table Gaussian)."""
-    return dense_noise_map(seed, [(tensor_index, numel)], distribution, noise_alphabet(distribution, device))
-
-
 def lowrank_factors(
     seed: int, tensor_index: int, out_features: int, in_features: int, rank: int, device: torch.device | str = "cpu"
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
-from swarmtune import entries, ledger
-from swarmtune.entries import Genesis, Iteration, StoredEntry
+from swarmtune.entries import Genesis, Iteration, StoredEntry, TensorSpec
 from swarmtune.jobspec import JobSpec, parse_job_spec
 from swarmtune.noise import NoiseConfig
 from swarmtune.noisecache import NoiseCache
-from swarmtune.state import MasterState, TensorSpec, master_from_model, state_hash
+from swarmtune.state import MasterState, master_from_model, state_hash
 from swarmtune.update import IterationUpdate, apply_iteration_, decay_integer
 
 # on_iteration(replica, target iteration): called after every applied iteration (progress bars,
@@ -42,12 +41,12 @@ def replay_params(spec: JobSpec) -> ReplayParams:
     return ReplayParams(spec.noise, decay_integer(spec.anchored_decay))
 
 
-def genesis_plan(state: MasterState) -> tuple[entries.TensorSpec, ...]:
+def genesis_plan(state: MasterState) -> tuple[TensorSpec, ...]:
     """The tensor plan genesis records for a base state (what replay checks a model against)."""
-    return tuple(entries.TensorSpec(s.name, s.shape, s.exponent, s.treatment) for s in state.specs)
+    return state.specs
 
 
-def _plan_mismatch(found: Sequence[TensorSpec], recorded: Sequence[entries.TensorSpec]) -> str | None:
+def _plan_mismatch(found: Sequence[TensorSpec], recorded: Sequence[TensorSpec]) -> str | None:
     """How the model's tensors differ from the genesis plan (None if they match)."""
     found_names = [s.name for s in found]
     recorded_names = [s.name for s in recorded]
@@ -56,8 +55,8 @@ def _plan_mismatch(found: Sequence[TensorSpec], recorded: Sequence[entries.Tenso
         extra = sorted(set(found_names) - set(recorded_names))
         return f"its tensors differ from the genesis plan (missing {missing[:3]}, unexpected {extra[:3]})"
     for mine, theirs in zip(found, recorded):
-        if mine.shape != tuple(theirs.shape):
-            return f"tensor {mine.name} has shape {mine.shape}, genesis records {tuple(theirs.shape)}"
+        if mine.shape != theirs.shape:
+            return f"tensor {mine.name} has shape {mine.shape}, genesis records {theirs.shape}"
         if mine.exponent != theirs.exponent:
             return f"tensor {mine.name} has exponent {mine.exponent}, genesis records {theirs.exponent} (other weights)"
     return None
@@ -120,8 +119,8 @@ class ReplayResult:
     """Where replay stopped: the replica, the entries consumed and the hash of the last one."""
 
     replica: Replica
-    entries: int
-    head_hash: bytes
+    entries: int  # consumed, genesis included
+    head_hash: bytes  # of the last entry consumed: the ledger prefix the state follows from
 
     @property
     def iteration(self) -> int:
@@ -130,15 +129,6 @@ class ReplayResult:
     @property
     def state_hash(self) -> bytes:
         return self.replica.state_hash()
-
-
-def verified_entries(stored: Iterable[bytes], coordinator_key: bytes | None = None) -> Iterable[StoredEntry]:
-    """Parse stored entries while verifying the chain (results' signatures on every core); raises
-    ledger.LedgerError at the first bad one."""
-    chain: ledger.ChainState | None = None
-    for data, vouched in ledger.prechecked(stored):
-        chain, entry = ledger.start(data, coordinator_key) if chain is None else ledger.advance(chain, data, vouched)
-        yield entry
 
 
 def replay(
@@ -150,7 +140,7 @@ def replay(
 ) -> ReplayResult:
     """Replay entries (genesis first) up to iteration `until` (None: all) from the base `model`.
 
-    Entries are taken as given: verify them first (`verified_entries`, or an audit).
+    Entries are taken as given: verify them first (`ledger.walk`, or an audit).
     """
     if not ledger_entries or not isinstance(ledger_entries[0].entry.body, Genesis):
         raise ReplayError("the ledger does not start with a genesis entry; pass the whole ledger")

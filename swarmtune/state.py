@@ -9,27 +9,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from swarmtune.entries import TensorSpec
 from swarmtune.fixedpoint import choose_exponent, derive, to_fixed
 
-STATE_VERSION = "swarmtune-state/1"
 TREATMENTS = ("dense", "lowrank", "frozen")
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """One canonical tensor: its name, shape, fixed-point exponent F and how ES treats it."""
-
-    name: str
-    shape: tuple[int, ...]
-    exponent: int
-    treatment: str  # "dense" | "lowrank" | "frozen"
-
-    @property
-    def numel(self) -> int:
-        count = 1
-        for dim in self.shape:
-            count *= dim
-        return count
 
 
 @dataclass(frozen=True)

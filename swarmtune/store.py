@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import enum
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Mapping
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis
 from redis.backoff import ExponentialBackoff
@@ -22,6 +23,15 @@ OPEN_KEY = "swarmtune:{{{job}}}:open"
 HEAD_PATTERN = "swarmtune:{*}:head"
 ENTRY_FIELD = b"e"
 READ_BATCH = 512
+
+# The Redis commands each role sends, for ACL users (docs/REDIS.md); the connection's handshake
+# (HELLO/AUTH) needs no permission. The append script runs HMGET, XRANGE, XADD, HSET and DEL as the
+# calling user. Any new command the store sends belongs here: the TLS/ACL tests run a real
+# coordinator and the auditor commands with exactly these permissions.
+COORDINATOR_COMMANDS = ("ping", "hmget", "hgetall", "hset", "del", "xrange", "xadd", "evalsha", "script|load")
+AUDITOR_COMMANDS = ("ping", "hmget", "xrange", "scan")
+# URL query parameters naming files that rediss:// connections read (redis-py's SSL options).
+TLS_FILE_PARAMETERS = ("ssl_ca_certs", "ssl_ca_path", "ssl_certfile", "ssl_keyfile")
 
 # Compare-and-append, atomic because Redis runs a script without interleaving other commands.
 # KEYS: ledger stream, head hash, open-iteration hash. ARGV: index, prev_hash, entry hash,
@@ -59,6 +69,24 @@ class StoreUnavailable(StoreError):
     """Redis cannot be reached or refuses us (down, wrong URL, wrong credentials)."""
 
 
+def acl_rules(role: str, job: str | None = None) -> str:
+    """The `ACL SETUSER` rules (after `NAME on >PASSWORD`) of a least-privilege user for `role`.
+
+    "coordinator": read and write one job's keys (`job` required); "auditor": read-only, the keys of
+    `job`, or of every job when None (status, ledger export and audit from Redis).
+    """
+    if role == "coordinator":
+        if job is None:
+            raise ValueError("a coordinator user is for one job: give its id")
+        keys, commands = f"~swarmtune:{{{entries.check_job_id(job)}}}:*", COORDINATOR_COMMANDS
+    elif role == "auditor":
+        pattern = "*" if job is None else f"{{{entries.check_job_id(job)}}}:*"
+        keys, commands = f"%R~swarmtune:{pattern}", AUDITOR_COMMANDS
+    else:
+        raise ValueError(f"unknown role {role!r}: coordinator or auditor")
+    return " ".join(["resetkeys", "resetchannels", keys, "-@all", *(f"+{command}" for command in commands)])
+
+
 class AppendStatus(enum.Enum):
     APPENDED = "appended"  # the entry is now the head
     DUPLICATE = "duplicate"  # the same bytes were already at that index: nothing to do
@@ -85,14 +113,26 @@ class AppendResult:
 
 
 def redact(url: str) -> str:
-    """The URL without its password, for messages."""
+    """The URL without its password (in the user part or a `password=` parameter), for messages."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    if any(name in ("password", "ssl_password") for name, _ in query):
+        masked = [(name, "***" if name in ("password", "ssl_password") else value) for name, value in query]
+        parts = parts._replace(query=urlencode(masked, safe="/:"))
+    if parts.password is not None:
+        user = parts.username or ""
+        host = parts.hostname or ""
+        netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
+        parts = parts._replace(netloc=netloc)
+    return urlunsplit(parts)
+
+
+def _permission_problem(url: str, exc: Exception) -> StoreError:
+    user = urlsplit(url).username or "default"
+    return StoreError(
+        f"Redis at {redact(url)} refused user {user!r} ({exc}); give that user the ACL rules of its role "
+        "(docs/REDIS.md: a coordinator's user reads and writes its job's keys; an auditor's user only reads)"
+    )
 
 
 def _auth_problem(url: str, exc: Exception) -> StoreUnavailable:
@@ -110,7 +150,15 @@ def _translated(url: str) -> Iterator[None]:
         yield
     except redis.AuthenticationError as exc:
         raise _auth_problem(url, exc) from None
+    except redis.exceptions.NoPermissionError as exc:
+        raise _permission_problem(url, exc) from None
     except (redis.ConnectionError, redis.TimeoutError) as exc:
+        if "CERTIFICATE_VERIFY_FAILED" in str(exc) or "doesn't match" in str(exc):
+            raise StoreUnavailable(
+                f"the TLS certificate of Redis at {where} does not verify ({exc}); trust its CA with "
+                "?ssl_ca_certs=/path/ca.pem in the rediss:// URL, and connect by a name or address the "
+                "certificate lists"
+            ) from None
         raise StoreUnavailable(
             f"cannot reach Redis at {where} ({exc}); check that the server is running and the URL "
             "(host and port, or socket path; rediss:// for TLS)"
@@ -118,6 +166,8 @@ def _translated(url: str) -> Iterator[None]:
     except redis.ResponseError as exc:
         if str(exc).startswith(("NOAUTH", "WRONGPASS")):
             raise _auth_problem(url, exc) from None
+        if "NOPERM" in str(exc):  # from inside the append script the reply is "ERR ... NOPERM ..."
+            raise _permission_problem(url, exc) from None
         raise StoreError(
             f"Redis at {where} refused a command ({exc}); "
             "check that the server is Redis >= 6.2 and that the swarmtune:* keys are swarmtune's"
@@ -213,13 +263,32 @@ class LedgerStore:
             self._client.delete(OPEN_KEY.format(job=entries.check_job_id(job_id)))
 
 
+def _check_tls_files(url: str) -> None:
+    """Each file a rediss:// URL names (`?ssl_ca_certs=PATH`...) exists: say so now, not as errno 2."""
+    for name, value in parse_qsl(urlsplit(url).query):
+        if name in TLS_FILE_PARAMETERS and not os.path.exists(value):
+            raise StoreUnavailable(f"{redact(url)}: {name}={value}: no such file; give the path of a PEM file")
+
+
 def connect(url: str, timeout_s: float = 5.0) -> LedgerStore:
-    """Open and check a store at a `redis://`, `rediss://` or `unix://` URL (user:password allowed)."""
-    if urlsplit(url).scheme not in ("redis", "rediss", "unix"):
+    """Open and check a store at a `redis://`, `rediss://` or `unix://` URL (user:password allowed).
+
+    TLS (`rediss://`) verifies the server's certificate and host name; trust a private CA with
+    `?ssl_ca_certs=/path/ca.pem`, and give a client certificate (mutual TLS) with
+    `&ssl_certfile=...&ssl_keyfile=...` (redis-py's URL parameters).
+    """
+    scheme = urlsplit(url).scheme
+    if scheme not in ("redis", "rediss", "unix"):
         raise StoreUnavailable(f"{redact(url)} is not a Redis URL; use redis://, rediss:// or unix://")
+    _check_tls_files(url)
     # Few quick retries: a retried append is safe (DUPLICATE), and a dead server is reported fast.
     retry = Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2)
+    # Host names are checked unless the URL says otherwise (redis-py 5 did not check by default).
+    tls = {"ssl_check_hostname": True} if scheme == "rediss" else {}
     with _translated(url):
-        client = redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=30.0, retry=retry)
-        client.ping()
+        try:
+            client = redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=30.0, retry=retry, **tls)
+            client.ping()
+        except (TypeError, ValueError) as exc:  # an unknown or malformed URL parameter
+            raise StoreUnavailable(f"{redact(url)}: bad URL parameter ({exc}); see redis-py's URL options") from None
     return LedgerStore(client, url)

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 
+from swarmtune.entries import TensorSpec
 from swarmtune.fixedpoint import FixedPointOverflow, check_range, rne_shift
 from swarmtune.noise import GAUSSIAN_SCALE_BITS, NoiseConfig, dense_noise_map, noise_alphabet, noise_bound, population_factors
 from swarmtune.noisecache import NoiseCache
 from swarmtune.seeds import MemberNoise
 from swarmtune.shaping import COEFFICIENT_BITS
-from swarmtune.state import MasterState, TensorSpec
+from swarmtune.state import MasterState
 
 # 1/√r of the low-rank noise, as the integer round_half_even(2^16 / √r).
 LOWRANK_SCALE_BITS = 16
@@ -97,6 +98,8 @@ def tensor_delta(
 ) -> torch.Tensor:
     """round_half_even(Σ_seed w_seed·E_seed / 2^(C + bits - F)) for one tensor, int64, flat."""
     shift = dense_shift(spec, noise)
+    if not weights:  # every coefficient zero (e.g. all rewards tied): no noise to draw, ΔQ = 0
+        return torch.zeros(spec.numel, dtype=torch.int64, device=device)
     if spec.treatment == "lowrank":
         out_features, in_features = spec.shape
         seeds = list(weights)
@@ -208,15 +211,3 @@ def member_deltas(
     """(index, integer perturbation σ·sign·E shaped like the tensor) of every tensor a member moves."""
     for index, delta in state_deltas(state, {member.seed: member.sign * sigma}, noise, cache):
         yield index, delta.view(state.specs[index].shape)
-
-
-def replay_(
-    state: MasterState,
-    updates: Iterable[IterationUpdate],
-    noise: NoiseConfig,
-    base: MasterState | None = None,
-    decay: int = 0,
-) -> None:
-    """Apply a sequence of iterations in order (in place)."""
-    for update in updates:
-        apply_iteration_(state, update, noise, base, decay)

@@ -9,7 +9,7 @@ import pytest
 
 from swarmtune.embedded_redis import EmbeddedRedis
 
-pytest_plugins = ["tests.fixtures_models"]
+pytest_plugins = ["tests.support.tiny_models"]
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from functools import partial
 from typing import TYPE_CHECKING
 
 from swarmtune.cli import CommandError
@@ -32,17 +33,6 @@ def _coordinator_key(text: str | None) -> bytes | None:
         raise CommandError("--coordinator-key must be 64 hex digits (as printed by `swarmtune keygen --json`)") from None
 
 
-def _genesis(stored: bytes) -> Genesis | None:
-    """Entry 0 parsed if it is a genesis (the audit verifies it; here it only names the base model)."""
-    from swarmtune import entries
-
-    try:
-        body = entries.parse_entry(stored).entry.body
-    except entries.EntryError:
-        return None
-    return body if isinstance(body, entries.Genesis) else None
-
-
 def _base_model(model: str | None, genesis: Genesis) -> nn.Module:
     from swarmtune.models import load_model
 
@@ -60,10 +50,9 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError("--model is the base model to replay from: add --replay")
     key = _coordinator_key(args.coordinator_key)
     stored = read_stored(args)
-    genesis = _genesis(stored[0])
-    # Without a genesis there is nothing to replay from; the audit reports entry 0.
-    model = _base_model(args.model, genesis) if args.replay and genesis else None
-    with replay_bar(model is not None) as on_iteration:
+    # Loaded from the genesis the audit verified: without a sound genesis there is nothing to replay.
+    model = partial(_base_model, args.model) if args.replay else None
+    with replay_bar(args.replay) as on_iteration:
         try:
             report = audit(stored, model, on_iteration, key)
         except ReplayError as exc:

@@ -42,10 +42,9 @@ def read_stored(args: argparse.Namespace) -> list[bytes]:
 def read_verified(args: argparse.Namespace) -> list[StoredEntry]:
     """The ledger's entries, parsed while its chain is verified (CommandError at the first bad one)."""
     from swarmtune import ledger
-    from swarmtune.replay import verified_entries
 
     try:
-        return list(verified_entries(read_stored(args)))
+        return [entry for _, entry in ledger.walk(read_stored(args))]
     except ledger.LedgerError as exc:
         raise CommandError(f"the ledger does not verify: {exc}; run `swarmtune audit` for a full report") from None
 

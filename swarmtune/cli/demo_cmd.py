@@ -248,12 +248,12 @@ def conclude(args: argparse.Namespace, prepared: Prepared, follower: Follower) -
     plot = args.plot or workdir / PLOT_FILE
     try:
         export_ledger(stored, workdir / LEDGER_FILE)
-        save_plot(stored, follower.checkpoints, plot)
+        save_plot(stored, follower.measurements, plot)
     except OSError as exc:
         raise CommandError(f"cannot write {exc.filename or plot}: {exc.strerror}; pass a writable --plot path") from None
     report = audit_ledger(stored, prepared.model_dir, prepared.coordinator_key)
     problem = audit_problem(report, follower)
-    before, after = follower.checkpoints[0], follower.latest
+    before, after = follower.measurements[0], follower.latest
     return Summary(
         job_id=prepared.spec.job_id,
         iterations=follower.iteration,
@@ -268,7 +268,7 @@ def conclude(args: argparse.Namespace, prepared: Prepared, follower: Follower) -
         final_state_hash=report.final_state_hash.hex() if report.final_state_hash else None,
         wall_seconds=round(time.monotonic() - prepared.started, 1),
         build_seconds=round(prepared.build_seconds, 1),
-        curve=tuple(follower.checkpoints),
+        curve=tuple(follower.measurements),
         ledger=str(workdir / LEDGER_FILE),
         plot=str(plot),
     )

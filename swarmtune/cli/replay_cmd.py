@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from swarmtune.cli import CommandError
+from swarmtune.cli.client_common import replay_bar
 
 if TYPE_CHECKING:
     from swarmtune.replay import Replica
@@ -30,15 +30,13 @@ def _printer(as_json: bool) -> Callable[[dict[str, Any]], None]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from swarmtune import ledger, ledgerfile
     from swarmtune.jobspec import JobSpecError
     from swarmtune.models import ModelResolutionError, load_model, resolve_model
-    from swarmtune.replay import ReplayError, genesis_spec, replay, verified_entries
+    from swarmtune.replay import ReplayError, genesis_spec, replay
 
     try:
-        verified = list(verified_entries(ledgerfile.read(args.ledger)))
+        verified = [entry for _, entry in ledger.walk(ledgerfile.read(args.ledger))]
     except ledgerfile.LedgerFileError as exc:
         raise CommandError(f"{args.ledger}: {exc}; export the ledger again") from None
     except ledger.LedgerError as exc:
@@ -50,11 +48,10 @@ def run(args: argparse.Namespace) -> int:
     except (ModelResolutionError, JobSpecError, OSError) as exc:
         raise CommandError(f"cannot load the base model: {exc}") from None
     emit = _printer(args.json)
-    with tqdm(desc="replay", unit="it", file=sys.stderr, disable=not sys.stderr.isatty()) as bar:
+    with replay_bar() as advance_bar:
 
         def on_iteration(replica: Replica, target: int) -> None:
-            bar.total = target
-            bar.update(replica.iteration - bar.n)
+            advance_bar(replica, target)
             if args.each:
                 emit({"iteration": replica.iteration, "state_hash": replica.state_hash().hex()})
 

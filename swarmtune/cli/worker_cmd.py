@@ -6,14 +6,14 @@ import argparse
 from pathlib import Path
 
 from swarmtune.cli import CommandError, non_negative_int, positive_int
-from swarmtune.worker.config import BACKENDS, DEVICES
+from swarmtune.worker.config import DEVICES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--coordinator", required=True, metavar="HOST:PORT", help="the coordinator's gRPC address")
     parser.add_argument("--key", type=Path, required=True, help="this worker's key file (from `swarmtune keygen`)")
     parser.add_argument("--device", choices=DEVICES, default="cpu", help="where to evaluate (default cpu)")
-    parser.add_argument("--backend", choices=BACKENDS, default="hf", help="evaluation backend (default hf)")
+    parser.add_argument("--backend", default="hf", help="evaluation backend (default hf)")
     parser.add_argument("--tls-ca", type=Path, help="CA certificate (PEM) to verify the coordinator over TLS")
     parser.add_argument("--model", help="local directory of the job's base model (default: the model the job names)")
     parser.add_argument("--capacity", type=positive_int, default=16, help="members to evaluate per iteration (default 16)")
@@ -26,9 +26,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from swarmtune.backends.base import BackendError
+    from swarmtune.backends.registry import backend_factory
     from swarmtune.identity import IdentityError
     from swarmtune.models import ModelResolutionError
-    from swarmtune.worker.backend import BackendError, backend_factory
     from swarmtune.worker.config import WorkerConfig
     from swarmtune.worker.daemon import WorkerFailure, serve
     from swarmtune.worker.session import ConnectError

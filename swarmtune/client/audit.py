@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence, cast
+from typing import Any, Callable, Sequence, Union, cast
 
 from torch import nn
 
@@ -14,6 +14,9 @@ from swarmtune.jobspec import JobSpec, JobSpecError, parse_job_spec
 from swarmtune.ledger import Problem
 from swarmtune.noise import NOISE_VERSION
 from swarmtune.replay import OnIteration, replica_from_genesis
+
+# The job's base model, or what loads it from the verified genesis (only once the audit gets that far).
+BaseModel = Union[nn.Module, Callable[[Genesis], nn.Module]]
 
 
 @dataclass(frozen=True)
@@ -140,18 +143,31 @@ class Checked:
     chain: ledger.Report
 
 
-def check_entries(stored: Sequence[bytes], coordinator_key: bytes | None = None) -> Checked:
-    """Verify the chain (ledger.verify_chain), then re-derive seeds and coefficients entry by entry."""
-    chain = ledger.verify_chain(stored, coordinator_key)
-    spec: JobSpec | None = None
-    sound: list[StoredEntry] = []
-    for data in stored[: chain.entries]:
-        entry = entries.parse_entry(data)
-        spec, problem = content_problem(entry, spec)
+class ContentCheck:
+    """Fed each entry the chain verification passed: re-derives its contents, and keeps the entries
+    that hold up to the first that does not."""
+
+    def __init__(self) -> None:
+        self.spec: JobSpec | None = None
+        self.sound: list[StoredEntry] = []
+        self.problem: Problem | None = None
+
+    def __call__(self, entry: StoredEntry) -> None:
+        if self.problem is not None:
+            return
+        self.spec, problem = content_problem(entry, self.spec)
         if problem:
-            return Checked(sound, Problem(entry.entry.index, entry.kind, problem), chain)
-        sound.append(entry)
-    return Checked(sound, chain.problem, chain)
+            self.problem = Problem(entry.entry.index, entry.kind, problem)
+        else:
+            self.sound.append(entry)
+
+
+def check_entries(stored: Sequence[bytes], coordinator_key: bytes | None = None) -> Checked:
+    """Verify the chain (ledger.verify_chain) and re-derive seeds and coefficients in the same walk:
+    each entry parsed once. The chain is verified to its end (or first break) for the report's counts."""
+    contents = ContentCheck()
+    chain = ledger.verify_chain(stored, coordinator_key, on_entry=contents)
+    return Checked(contents.sound, contents.problem or chain.problem, chain)
 
 
 def claimed_hashes(body: entries.Body) -> list[tuple[str, int, bytes]]:
@@ -210,11 +226,12 @@ def replay_entries(model: nn.Module, sound: Sequence[StoredEntry], on_iteration:
 
 def audit(
     stored: Sequence[bytes],
-    model: nn.Module | None = None,
+    model: BaseModel | None = None,
     on_iteration: OnIteration | None = None,
     coordinator_key: bytes | None = None,
 ) -> AuditReport:
-    """Audit a ledger's stored entries; with the job's base `model`, also replay it exactly.
+    """Audit a ledger's stored entries (one walk: each entry parsed once); with the job's base `model`,
+    also replay the sound ones exactly.
 
     The report names the first entry that fails any check (replay included). Raises
     replay.ReplayError when `model` is not the job's base model.
@@ -223,7 +240,8 @@ def audit(
     sound, problem = checked.sound, checked.problem
     replayed = None
     if model is not None and sound:
-        replayed = replay_entries(model, sound, on_iteration)
+        base = model if isinstance(model, nn.Module) else model(cast(Genesis, sound[0].entry.body))
+        replayed = replay_entries(base, sound, on_iteration)
         if replayed.problem is not None:
             # Replay only runs over the sound prefix, so its problem comes first.
             problem = replayed.problem

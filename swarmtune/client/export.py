@@ -68,7 +68,7 @@ def export_model(
         raise ExportError(f"iteration {iteration} is not in the ledger, which holds iterations 0 to {last}; pass one of those")
     model, tokenizer = load_model(model_dir)
     result = replay(model, verified, iteration, on_iteration)
-    # Exactly what a worker's backend writes for its center model (HFEvaluator.set_center).
+    # Exactly what a worker's backend writes for its center model (HFBackend.set_center).
     write_weights(model, result.replica.state)
     exported = Exported(
         directory=out,

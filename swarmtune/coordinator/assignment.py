@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import heapq
+from collections import deque
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -83,11 +84,62 @@ def assign(members: Sequence[int], candidates: Sequence[Candidate], replicas: in
                     heapq.heappush(heap, (remaining + 1, position))
             for item in skipped:
                 heapq.heappush(heap, item)
+    _fill_short(members, taken, {position: -remaining for remaining, position in heap}, order, k)
     result: dict[bytes, list[int]] = {}
     for member in members:
         for position in taken[member]:
             result.setdefault(order[position].key, []).append(member)
     return {key: tuple(sorted(assigned)) for key, assigned in result.items()}
+
+
+def _fill_short(members: Sequence[int], taken: dict[int, list[int]], spare: dict[int, int], order: Sequence[Candidate], k: int) -> None:
+    """Where the greedy pass left members short of holders while workers still have quota (all of
+    those already hold the short members, or share their operators), move members along augmenting
+    paths: a worker hands one member on to take another, and the last worker takes one from its quota."""
+    while spare:
+        path = next((p for m in members if len(taken[m]) < k and (p := _augmenting_path(m, taken, spare, order))), None)
+        if path is None:
+            return
+        for position, takes, drops in path:
+            if drops is not None:
+                taken[drops].remove(position)
+            taken[takes].append(position)
+        last = path[0][0]
+        spare[last] -= 1
+        if not spare[last]:
+            del spare[last]
+
+
+def _augmenting_path(
+    start: int, taken: Mapping[int, list[int]], spare: Mapping[int, int], order: Sequence[Candidate]
+) -> list[tuple[int, int, int | None]] | None:
+    """(worker position, member it takes, member it hands on or None) steps that give `start` one more
+    holder; the first step's worker takes from its spare quota. Breadth first, so the shortest path."""
+    held: dict[int, list[int]] = {}
+    for member, holders in taken.items():
+        for position in holders:
+            held.setdefault(position, []).append(member)
+    came: dict[int, tuple[int, int] | None] = {start: None}  # member -> (worker handing it on, member that worker takes)
+    queue = deque([start])
+    while queue:
+        member = queue.popleft()
+        link = came[member]
+        staying = [p for p in taken[member] if link is None or p != link[0]]
+        operators = {order[p].operator for p in staying}
+        for position, candidate in enumerate(order):
+            if position in taken[member] or candidate.operator in operators:
+                continue
+            if spare.get(position, 0) > 0:
+                steps: list[tuple[int, int, int | None]] = [(position, member, None)]
+                while (link := came[member]) is not None:
+                    steps.append((link[0], link[1], member))
+                    member = link[1]
+                return steps
+            for handed in held.get(position, ()):
+                if handed not in came:
+                    came[handed] = (position, member)
+                    queue.append(handed)
+    return None
 
 
 def reassign(

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import AsyncIterator, Iterable
 
+from swarmtune.coordinator.limits import Refused
 from swarmtune.wire import service_pb2 as pb
 
 
@@ -54,6 +55,16 @@ class Subscriber:
         elif message.opened is not None:
             self.opened = message.opened
         self.queue.put_nowait(message)
+
+    async def messages(self) -> AsyncIterator[Outgoing]:
+        """What was put, until the stream's End (an overflow refuses the stream: resubscribe)."""
+        while True:
+            message = await self.queue.get()
+            if isinstance(message, End):
+                if message.overflow:
+                    raise Refused("RESOURCE_EXHAUSTED", f"{message.reason}; resubscribe from the next index you need")
+                return
+            yield message
 
 
 class Broadcaster:

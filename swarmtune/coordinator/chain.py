@@ -11,8 +11,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from swarmtune import entries, identity, ledger
 from swarmtune.coordinator.close import retention_alerts, verdicts_of
-from swarmtune.coordinator.redundancy import strikes
-from swarmtune.coordinator.status import RECENT_ITERATIONS, IterationFigures, figures_of
+from swarmtune.coordinator.figures import RECENT_ITERATIONS, IterationFigures, figures_of
+from swarmtune.coordinator.redundancy import Verdict, strikes, strikes_named
 from swarmtune.entries import Admission, Genesis, Iteration, Revocation, Signed, StoredEntry
 from swarmtune.store import LedgerStore
 from swarmtune.wire import ledger_pb2
@@ -24,13 +24,15 @@ class ChainConflict(Exception):
 
 @dataclass
 class History:
-    """What the ledger says so far, kept current as the coordinator appends."""
+    """What the ledger says so far, kept current as the coordinator appends: `note` is the one place
+    that counts anything (strikes, figures), so a live run and a recovered run cannot disagree."""
 
     genesis: Genesis
     genesis_hash: bytes
     head: StoredEntry
     admitted: set[bytes]
     revoked: set[bytes]
+    tolerance: float  # the job's redundancy tolerance: strikes are recounted from recorded results
     last_iteration: int = 0
     operators: dict[bytes, str] = field(default_factory=dict)  # from admission entries
     strikes: Counter[bytes] = field(default_factory=Counter)  # disagreements with a standing majority
@@ -38,12 +40,25 @@ class History:
     attested: dict[bytes, dict[int, bytes]] = field(default_factory=dict)  # key -> iteration -> signed bytes
     figures: deque[IterationFigures] = field(default_factory=lambda: deque(maxlen=RECENT_ITERATIONS))
 
+    @classmethod
+    def begin(cls, genesis_entry: StoredEntry, tolerance: float) -> History:
+        """The history of a ledger that holds only its (verified) genesis."""
+        genesis = genesis_entry.entry.body
+        assert isinstance(genesis, Genesis)  # the walk checked it
+        return cls(genesis, genesis_entry.hash, genesis_entry, set(genesis.admitted_workers), set(), tolerance)
+
+    def strikes_with(self, verdicts: Iterable[Verdict]) -> Counter[bytes]:
+        """The strike counts once these verdicts are recorded too (what a close's revocations go by)."""
+        return self.strikes + strikes(verdicts)
+
     def note(self, stored: StoredEntry) -> None:
-        """Account for an entry that is now the head (strikes are the job's to count)."""
+        """Account for an entry that is now the head."""
         self.head = stored
         body = stored.entry.body
         if isinstance(body, Iteration):
             self.last_iteration = body.iteration
+            # Recorded results include the dissenting replicas of every standing member.
+            self.strikes.update(strikes(verdicts_of(body.results, frozenset(), self.tolerance).values()))
             _, self.baselines = retention_alerts(body.retention, self.baselines, 0.0)
             self.figures.append(figures_of(body))
         elif isinstance(body, Admission):
@@ -52,28 +67,24 @@ class History:
         elif isinstance(body, Revocation):
             self.admitted.discard(body.worker_key)
             self.revoked.add(body.worker_key)
+            # The dissents that revoked a key are not recorded (its results stop counting in that
+            # very iteration); its revocation names their count.
+            named = strikes_named(body.reason)
+            if named is not None:
+                self.strikes[body.worker_key] = named
         elif isinstance(body, Signed):
             record = body.record
             self.attested.setdefault(record.worker_key, {})[record.iteration] = entries.encode_signed(body)
 
 
 def recover(stored_entries: Iterable[bytes], coordinator_key: bytes, tolerance: float) -> History:
-    """Verify the whole stored chain (pinning our coordinator key; results' signatures on every core)
-    and summarize it."""
+    """Verify the whole stored chain (pinning our coordinator key) and summarize it."""
     history: History | None = None
-    state: ledger.ChainState | None = None
-    for stored, vouched in ledger.prechecked(stored_entries):
-        if state is None:
-            state, entry = ledger.start(stored, coordinator_key)
-            genesis = entry.entry.body
-            assert isinstance(genesis, Genesis)  # ledger.start checked it
-            history = History(genesis, entry.hash, entry, set(genesis.admitted_workers), set())
+    for _, entry in ledger.walk(stored_entries, coordinator_key=coordinator_key):
+        if history is None:
+            history = History.begin(entry, tolerance)
         else:
-            state, entry = ledger.advance(state, stored, vouched)
-            assert history is not None
             history.note(entry)
-            if isinstance(entry.entry.body, Iteration):  # recounted from what was recorded
-                history.strikes.update(strikes(verdicts_of(entry.entry.body.results, frozenset(), tolerance).values()))
     if history is None:
         raise ValueError("the ledger is empty; write its genesis first")
     return history

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from swarmtune.coordinator.figures import IterationFigures
+from swarmtune.coordinator.status import CloseTiming
+
 CLOSE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -26,6 +29,16 @@ class Metrics:
             "swarmtune_close_seconds", "Last needed result -> iteration entry appended", buckets=CLOSE_BUCKETS, registry=r
         )
         self.evaluation_seconds = Gauge("swarmtune_evaluation_seconds", "Opened -> last needed result, last iteration", registry=r)
+
+    def observe_close(self, figures: IterationFigures, timing: CloseTiming) -> None:
+        self.iterations_closed.inc()
+        self.close_seconds.observe(timing.overhead_s)
+        self.evaluation_seconds.set(timing.evaluation_s)
+        if figures.rewarded:
+            self.reward_mean.set(sum(figures.rewarded) / len(figures.rewarded))
+            self.reward_max.set(max(figures.rewarded))
+        for name, value in figures.retention:
+            self.retention.labels(figure=name).set(value)
 
     def serve(self, port: int, host: str = "127.0.0.1") -> None:
         start_http_server(port, addr=host, registry=self.registry)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass
 from typing import Iterable, Mapping
@@ -51,3 +52,18 @@ def strikes(verdicts: Iterable[Verdict]) -> Counter[bytes]:
 def to_revoke(counts: Mapping[bytes, int], threshold: int, revoked: frozenset[bytes]) -> list[bytes]:
     """Keys at or past the strike threshold that are not revoked yet, in a stable order."""
     return sorted(key for key, count in counts.items() if count >= threshold and key not in revoked)
+
+
+# A revocation for strikes names their count: the dissents that reached the threshold are not
+# recorded (the revoked key's results stop counting in that iteration), so a restart reads it here.
+_REVOKED_FOR_STRIKES = re.compile(r"disagreed with the majority of redundant replicas (\d+) times \(threshold \d+\)")
+
+
+def revocation_reason(count: int, threshold: int) -> str:
+    return f"disagreed with the majority of redundant replicas {count} times (threshold {threshold})"
+
+
+def strikes_named(reason: str) -> int | None:
+    """The strike count a revocation's reason names (None: revoked for another reason)."""
+    match = _REVOKED_FOR_STRIKES.fullmatch(reason)
+    return int(match.group(1)) if match else None

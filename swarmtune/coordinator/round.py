@@ -51,7 +51,8 @@ class Round:
 
     # ---- results --------------------------------------------------------------------------
 
-    def held(self, key: bytes) -> Mapping[int, bytes]:
+    def accepted_bytes(self, key: bytes) -> Mapping[int, bytes]:
+        """member -> the result bytes accepted from this worker."""
         return self.raw.get(key, {})
 
     def accept(self, signed: Signed[WorkerResult], data: bytes) -> None:
@@ -83,6 +84,14 @@ class Round:
             self.settled.add(member)
         else:
             self.settled.discard(member)
+
+    def raw_of(self, results: Iterable[Signed[WorkerResult]]) -> dict[bytes, dict[int, bytes]]:
+        """worker -> member -> the accepted bytes of these results."""
+        out: dict[bytes, dict[int, bytes]] = {}
+        for signed in results:
+            key, member = signed.record.worker_key, signed.record.member
+            out.setdefault(key, {})[member] = self.raw[key][member]
+        return out
 
     def all_results(self, excluded: Collection[bytes] = ()) -> list[Signed[WorkerResult]]:
         return [r for key, got in self.results.items() if key not in excluded for r in got.values()]

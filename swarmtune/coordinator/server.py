@@ -14,11 +14,13 @@ import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from swarmtune import entries, identity, ledger
+from swarmtune.coordinator.admissions import Admissions, by_operator
 from swarmtune.coordinator.chain import Chain, History, check_genesis, genesis_entry, recover
-from swarmtune.coordinator.job import Job, Limits
+from swarmtune.coordinator.job import Job
+from swarmtune.coordinator.limits import Limits
 from swarmtune.coordinator.metrics import Metrics
 from swarmtune.coordinator.service import CoordinatorService, add_to_server
-from swarmtune.entries import Admission, Genesis
+from swarmtune.entries import Genesis
 from swarmtune.jobspec import JobSpec
 from swarmtune.shaping import SHAPING_VERSION
 from swarmtune.store import LedgerStore, redact
@@ -134,12 +136,12 @@ def _bind(server: grpc.aio.Server, options: ServerOptions) -> int:
 
 
 def _admit(chain: Chain, keys: tuple[bytes, ...]) -> None:
-    """Admission entries for --admit keys the ledger does not admit yet (revoked keys stay revoked)."""
-    for key in keys:
+    """Record the operator's --admit keys (warning about revoked ones: they stay revoked)."""
+    for key in dict.fromkeys(keys):
         if key in chain.history.revoked:
             log.warning("not admitting a revoked key", extra={"worker": identity.fingerprint(key)})
-        elif key not in chain.history.admitted:
-            chain.append(Admission(key, "admitted by the operator (--admit)", ""))
+    for admission in by_operator(keys, chain.history.admitted, chain.history.revoked):
+        chain.append(admission)
 
 
 @dataclass(frozen=True)
@@ -164,7 +166,8 @@ async def start(
             "admit more with --admit, use --open-enrollment, or lower --min-workers"
         )
     metrics = Metrics()
-    job = Job(spec, store, key, chain, reward_range, options.open_enrollment, options.limits, metrics, options.min_workers)
+    admissions = Admissions(options.open_enrollment)
+    job = Job(spec, store, key, chain, reward_range, admissions, options.limits, metrics, options.min_workers)
     server = grpc.aio.server(options=grpc_options(), maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS)
     add_to_server(CoordinatorService(job), server)
     port = _bind(server, options)

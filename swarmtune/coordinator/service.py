@@ -6,7 +6,8 @@ from typing import AsyncIterator, Awaitable, Callable, TypeVar
 
 import grpc
 
-from swarmtune.coordinator.job import Job, Refused
+from swarmtune.coordinator.job import Job
+from swarmtune.coordinator.limits import Refused
 from swarmtune.wire import service_pb2 as pb
 
 SERVICE = "swarmtune.v1.Coordinator"

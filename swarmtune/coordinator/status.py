@@ -1,16 +1,19 @@
-"""Job status: per-worker counters, per-iteration figures, and the JobStatus message built from them."""
+"""Job status: what this coordinator observed (workers' counters, close timings) and the JobStatus message."""
 
 from __future__ import annotations
 
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Collection, Iterable, Sequence
 
-from swarmtune.entries import Iteration
+from swarmtune import identity
+from swarmtune.coordinator.chain import History
+from swarmtune.coordinator.figures import RECENT_ITERATIONS, IterationFigures
+from swarmtune.coordinator.round import Round
+from swarmtune.jobspec import JobSpec
 from swarmtune.wire import ledger_pb2, service_pb2 as pb
 
 RATE_WINDOW_MS = 60_000
-RECENT_ITERATIONS = 100
 
 
 @dataclass
@@ -46,27 +49,28 @@ class WorkerStats:
 
 
 @dataclass(frozen=True)
-class IterationFigures:
-    """What the operator sees of one closed iteration."""
+class CloseTiming:
+    """How long one iteration took, as this coordinator measured it (none for earlier iterations)."""
 
     iteration: int
-    members: int
-    rewarded: tuple[float, ...]
-    retention: tuple[tuple[str, float], ...]
-    alerts: tuple[str, ...]
-    evaluation_s: float = 0.0  # 0 for iterations closed before this coordinator started
-    overhead_s: float = 0.0
-    wall_s: float = 0.0
+    evaluation_s: float  # opened -> last needed result
+    overhead_s: float  # last needed result -> entry appended and broadcast
+    wall_s: float
+
+    @classmethod
+    def measured(cls, iteration: int, opened_ms: int, settled_ms: int, done_ms: int) -> CloseTiming:
+        return cls(iteration, (settled_ms - opened_ms) / 1000, (done_ms - settled_ms) / 1000, (done_ms - opened_ms) / 1000)
 
 
-def figures_of(body: Iteration, evaluation_s: float = 0.0, overhead_s: float = 0.0, wall_s: float = 0.0) -> IterationFigures:
-    rewarded_members = {r.record.member for r in body.results}
-    rewarded = tuple(reward for m, reward in zip(body.members, body.rewards) if m.member in rewarded_members)
-    retention = tuple(figure for report in body.retention for figure in report.record.figures)
-    return IterationFigures(body.iteration, len(body.members), rewarded, retention, body.alerts, evaluation_s, overhead_s, wall_s)
+@dataclass
+class Observed:
+    """What this coordinator saw since it started, beyond the ledger: workers' counters, close timings."""
+
+    workers: dict[bytes, WorkerStats] = field(default_factory=dict)
+    timings: deque[CloseTiming] = field(default_factory=lambda: deque(maxlen=RECENT_ITERATIONS))
 
 
-def summary_message(figures: IterationFigures) -> pb.IterationSummary:
+def summary_message(figures: IterationFigures, timing: CloseTiming | None) -> pb.IterationSummary:
     rewards = figures.rewarded
     return pb.IterationSummary(
         iteration=figures.iteration,
@@ -77,9 +81,9 @@ def summary_message(figures: IterationFigures) -> pb.IterationSummary:
         reward_min=min(rewards, default=0.0),
         retention=[ledger_pb2.Figure(name=name, value=value) for name, value in figures.retention],
         alerts=figures.alerts,
-        evaluation_s=figures.evaluation_s,
-        overhead_s=figures.overhead_s,
-        wall_s=figures.wall_s,
+        evaluation_s=timing.evaluation_s if timing else 0.0,
+        overhead_s=timing.overhead_s if timing else 0.0,
+        wall_s=timing.wall_s if timing else 0.0,
     )
 
 
@@ -101,3 +105,50 @@ def worker_message(worker_id: str, stats: WorkerStats, connected: bool, strikes:
 
 def alerts_of(recent: Sequence[IterationFigures]) -> list[str]:
     return [f"iteration {f.iteration}: {alert}" for f in recent for alert in f.alerts]
+
+
+def _state(finished: bool, paused: bool, open_round: bool, connected: bool) -> int:
+    """A JobStatus.State value."""
+    if finished:
+        return pb.JobStatus.FINISHED
+    if paused and not open_round:
+        return pb.JobStatus.PAUSED
+    return pb.JobStatus.RUNNING if connected else pb.JobStatus.WAITING
+
+
+def job_status(
+    spec: JobSpec,
+    history: History,
+    current: Round | None,
+    observed: Observed,
+    connected: Collection[bytes],
+    finished: bool,
+    paused: bool,
+    now_ms: int,
+) -> pb.JobStatus:
+    """The JobStatus message: a pure function of the ledger so far, the open round and what was observed."""
+    rejects: Counter[str] = Counter()
+    workers = []
+    for key, stats in sorted(observed.workers.items()):
+        rejects.update(stats.rejects)
+        workers.append(
+            worker_message(identity.fingerprint(key), stats, key in connected, history.strikes[key], key in history.revoked, now_ms)
+        )
+    recent = list(history.figures)
+    timings = {t.iteration: t for t in observed.timings}
+    return pb.JobStatus(
+        job_id=spec.job_id,
+        state=_state(finished, paused, current is not None, bool(connected)),
+        iteration=current.open.iteration if current else history.last_iteration,
+        iterations_total=spec.iterations,
+        closed=history.last_iteration,
+        population=spec.population,
+        settled=len(current.settled) if current else 0,
+        results_open=current.result_count() if current else 0,
+        head_index=history.head.entry.index,
+        head_hash=history.head.hash,
+        recent=[summary_message(f, timings.get(f.iteration)) for f in recent],
+        workers=workers,
+        rejects=dict(rejects),
+        alerts=alerts_of(recent),
+    )

@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence, cast
 
 from swarmtune import ledger
+from swarmtune.backends.registry import backend_factory
 from swarmtune.entries import Genesis, Iteration
-from swarmtune.evaluation import HFEvaluator
+from swarmtune.follower import LedgerFollower
 from swarmtune.jobspec import JobSpec
 from swarmtune.models import load_model
 from swarmtune.replay import Replica, replica_from_genesis
@@ -20,7 +21,7 @@ FETCH_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True)
-class Checkpoint:
+class Measurement:
     """Held-out exact-match accuracy of the center model after `iteration` iterations (0: the base model)."""
 
     iteration: int
@@ -33,48 +34,47 @@ class Follower:
     and measures the center model on both held-out sets every `every` iterations."""
 
     def __init__(self, genesis: bytes, coordinator_key: bytes, model_dir: Path, spec: JobSpec, every: int) -> None:
-        self.chain, entry = ledger.start(genesis, coordinator_key)
+        chain, entry = ledger.start(genesis, coordinator_key)
         model, tokenizer = load_model(model_dir)
-        self.replica: Replica = replica_from_genesis(model, cast(Genesis, entry.entry.body))  # start() checked the kind
-        self.evaluator = HFEvaluator(model, tokenizer, self.replica.state, spec.noise, spec.sigma, "cpu")
+        replica = replica_from_genesis(model, cast(Genesis, entry.entry.body))  # start() checked the kind
+        self.ledger_follower = LedgerFollower(chain, replica)
+        self.evaluator = backend_factory("hf")(model, tokenizer, self.replica.state, spec, "cpu", None)  # greedy only: no noise to keep
         self.spec = spec
         self.every = every
         self.task = load_task(spec.task, tokenizer=tokenizer, **spec.task_options)
         self.probe = load_task(spec.retention_task, tokenizer=tokenizer, **spec.retention_options)
-        self.checkpoints = [self.measure()]
+        self.measurements = [self.measure()]
+
+    @property
+    def replica(self) -> Replica:
+        return self.ledger_follower.replica
 
     @property
     def next_index(self) -> int:
-        return self.chain.next_index
+        return self.ledger_follower.next_index
 
     @property
     def iteration(self) -> int:
         return self.replica.iteration
 
     @property
-    def latest(self) -> Checkpoint:
-        return self.checkpoints[-1]
-
-    def accept(self, stored: bytes) -> None:
-        """Verify the next entry; apply it if it closes an iteration; measure when a checkpoint is due."""
-        self.chain, entry = ledger.advance(self.chain, stored)
-        if isinstance(entry.entry.body, Iteration):
-            self.replica.apply(entry.entry.body)
-            if self.replica.iteration % self.every == 0:
-                self.checkpoints.append(self.measure())
+    def latest(self) -> Measurement:
+        return self.measurements[-1]
 
     def accept_all(self, stored_entries: Iterable[bytes]) -> None:
-        for stored in stored_entries:
-            self.accept(stored)
+        """Verify and apply the entries in order, measuring whenever a measurement is due."""
+        for entry in self.ledger_follower.follow(stored_entries):
+            if isinstance(entry.entry.body, Iteration) and self.iteration % self.every == 0:
+                self.measurements.append(self.measure())
 
     def finish(self) -> None:
-        """Measure the final center model if the last checkpoint was earlier."""
-        if self.latest.iteration != self.replica.iteration:
-            self.checkpoints.append(self.measure())
+        """Measure the final center model if the last measurement was earlier."""
+        if self.latest.iteration != self.iteration:
+            self.measurements.append(self.measure())
 
-    def measure(self) -> Checkpoint:
+    def measure(self) -> Measurement:
         self.evaluator.set_center(self.replica.state)
-        return Checkpoint(self.replica.iteration, self.accuracy(self.task), self.accuracy(self.probe))
+        return Measurement(self.iteration, self.accuracy(self.task), self.accuracy(self.probe))
 
     def accuracy(self, task: Task) -> float:
         """Exact-match accuracy of the center's greedy completions on the task's held-out split."""

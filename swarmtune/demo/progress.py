@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
-    from swarmtune.demo.follow import Checkpoint
     from swarmtune.client.status import IterationSummary, JobStatus
+    from swarmtune.demo.follow import Measurement
     from swarmtune.jobspec import JobSpec
 
 BAR_WIDTH = 20
@@ -45,7 +45,7 @@ def retention(recent: tuple[IterationSummary, ...]) -> str:
     return "-"
 
 
-def progress_line(status: JobStatus, checkpoint: Checkpoint, elapsed_s: float) -> str:
+def progress_line(status: JobStatus, measured: Measurement, elapsed_s: float) -> str:
     """`it 37/100 [####....] reward 0.61 (max 0.69) · held-out 52.4% @30 · retention demo-reverse 99.6% · 1.9 it/s · 0:41`"""
     last = status.recent[-1] if status.recent else None
     reward = f"reward {last.reward_mean:.3f} (max {last.reward_max:.3f})" if last and last.reward_mean is not None else "reward -"
@@ -54,7 +54,7 @@ def progress_line(status: JobStatus, checkpoint: Checkpoint, elapsed_s: float) -
     parts = [
         f"it {status.closed:>{len(str(status.iterations_total))}}/{status.iterations_total} [{bar(status.closed, status.iterations_total)}]",
         reward,
-        f"held-out {checkpoint.task_accuracy:.1%} @{checkpoint.iteration}",
+        f"held-out {measured.task_accuracy:.1%} @{measured.iteration}",
         f"retention {retention(status.recent)}",
         f"{speed:.2f} it/s" if speed else "- it/s",
         f"{minutes}:{seconds:02d}",

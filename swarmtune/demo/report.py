@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from swarmtune.demo.follow import Checkpoint
+from swarmtune.demo.follow import Measurement
 
 if TYPE_CHECKING:
     from swarmtune.client.audit import AuditReport
@@ -31,7 +31,7 @@ class Summary:
     final_state_hash: str | None
     wall_seconds: float
     build_seconds: float  # installing builtin:tiny on first use (0 when cached)
-    curve: tuple[Checkpoint, ...]
+    curve: tuple[Measurement, ...]
     ledger: str
     plot: str
 
@@ -61,14 +61,14 @@ def audit_ledger(stored: Sequence[bytes], model_dir: Path, coordinator_key: byte
     return audit(stored, load_model(model_dir)[0], coordinator_key=coordinator_key)
 
 
-def save_plot(stored: Sequence[bytes], curve: Sequence[Checkpoint], out: Path) -> None:
+def save_plot(stored: Sequence[bytes], curve: Sequence[Measurement], out: Path) -> None:
     """The client's reward and retention plot, with the replayed held-out accuracy drawn over the rewards."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
+    from swarmtune import ledger
     from swarmtune.client.plot import DPI, plot_spec, render
-    from swarmtune.replay import verified_entries
 
-    figure = render(plot_spec(list(verified_entries(stored))))
+    figure = render(plot_spec([entry for _, entry in ledger.walk(stored)]))
     rewards = figure.axes[0]  # render draws rewards above, retention below
     rewards.plot([p.iteration for p in curve], [p.task_accuracy for p in curve], color="tab:red", marker="D", label=ACCURACY_LABEL)
     rewards.legend(loc="best", fontsize="small")

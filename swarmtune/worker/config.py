@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-BACKENDS = ("hf", "vllm")
 DEVICES = ("cpu", "cuda")
 
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import math
 import os
 import random
 import signal
@@ -17,20 +15,21 @@ import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from swarmtune import entries, identity, ledger
-from swarmtune.entries import Attestation, Iteration, Revocation, Signed, StoredEntry
+from swarmtune.backends.base import BackendFactory
+from swarmtune.entries import Attestation, Iteration, Revocation, StoredEntry
 from swarmtune.fixedpoint import FixedPointOverflow
 from swarmtune.jobspec import JobSpecError
 from swarmtune.models import ModelResolutionError
 from swarmtune.replay import ReplayError
 from swarmtune.tasks.base import TaskLoadError
 from swarmtune.wire import service_pb2 as pb
-from swarmtune.worker.backend import BackendFactory
 from swarmtune.worker.backoff import Backoff
 from swarmtune.worker.catchup import catch_up
 from swarmtune.worker.config import WorkerConfig
 from swarmtune.worker.logs import EventLog
 from swarmtune.worker.measure import center_retention, evaluation_batch, member_rewards, sign_results, sign_retention
-from swarmtune.worker.session import Connection, Joined, SessionLost, describe, open_channel, retried
+from swarmtune.worker.outbox import Outbox
+from swarmtune.worker.session import Connection, Joined, SessionLost, describe, open_channel
 from swarmtune.worker.site import LoadedModel, Site, load_base_model, open_site
 from swarmtune.worker.work import IterationWork, opened_from
 
@@ -39,17 +38,8 @@ T = TypeVar("T")
 # Join refusals no retry can fix: a revoked or unknown key, another job.
 REFUSALS = frozenset({grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.FAILED_PRECONDITION})
 
-SUBMIT_ATTEMPTS = 8
-SUBMIT_BATCH = 1024  # results per SubmitResults call
-# While more of our members are still to come, results go out at most this often (a dense member
-# can take milliseconds: one call each would spend the coordinator's per-worker rate limit); the
-# result that completes our share goes at once.
-PARTIAL_SUBMIT_INTERVAL_S = 0.02
-# Leaving (SIGTERM or the job's end): the member in progress may finish; the coordinator may be
-# gone already, so the last submissions are tried briefly.
+# Leaving (SIGTERM or the job's end): the member in progress may finish first (then the outbox drains).
 DRAIN_MEMBER_TIMEOUT_S = 30.0
-DRAIN_ATTEMPTS = 2
-DRAIN_SEND_TIMEOUT_S = 3.0
 
 
 class Disconnected(Exception):
@@ -79,33 +69,36 @@ class Daemon:
     """One worker process: its key, its copy of the job, and the open iteration it works on."""
 
     def __init__(self, config: WorkerConfig, key: Ed25519PrivateKey, make_backend: BackendFactory, log: EventLog) -> None:
+        # Who we are and how we run.
         self.config = config
         self.key = key
         self.public_key = identity.public_key_bytes(key)
         self.operator = config.operator or identity.fingerprint(self.public_key)
         self.make_backend = make_backend
         self.log = log
+        # Reconnecting: jittered backoff after consecutive failures.
         self.rng = random.Random()
         self.backoff = Backoff()
-        # One thread owns the model and the replica: applying and evaluating never overlap.
+        self.failures = 0
+        # Threads. One owns the model and the replica: applying and evaluating never overlap.
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="swarmtune-compute")
         # Hashing the state for an attestation reads the replica beside evaluation, never beside an apply.
         self.hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="swarmtune-attest")
         # Other workers' result signatures in an entry are checked on every core (a big population's
         # entry holds thousands); Ed25519 verification releases the GIL.
         self.verifier = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="swarmtune-verify")
-        self.attesting: asyncio.Task[None] | None = None
+        # The job as we hold it: the base model until genesis, then the site; the open iteration's work.
+        self.loaded: LoadedModel | None = None
+        self.site: Site | None = None
+        self.work: IterationWork | None = None
+        # Tasks and the events between them.
         self.stop = asyncio.Event()
         self.wake = asyncio.Event()  # new members to evaluate
-        self.outgoing = asyncio.Event()  # new results or attestations to send
-        self.sending = asyncio.Lock()  # one flush at a time: each sends the outbox's oldest items first
-        self.site: Site | None = None
-        self.loaded: LoadedModel | None = None
-        self.work: IterationWork | None = None
-        self.attestations: list[Signed[Attestation]] = []
-        self.failures = 0
         self.evaluator: asyncio.Task[None] | None = None
+        self.attesting: asyncio.Task[None] | None = None
         self.fatal: BaseException | None = None  # an evaluation error: stops the worker
+        # What we owe the coordinator.
+        self.outbox = Outbox(lambda: self.work, self.stop, log, self.backoff, self.rng)
 
     async def compute(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
@@ -207,7 +200,7 @@ class Daemon:
 
     async def catch_up(self, connection: Connection) -> None:
         """Fetch, verify and apply every entry we do not hold yet (from genesis on the first connect)."""
-        await self.attested()
+        await self.wait_attested()
         next_index = self.site.next_index if self.site else 0
         try:
             caught = await catch_up(connection.fetch(next_index), self.site, self.compute, self.open_genesis, self.note, self.stop.is_set)
@@ -245,7 +238,7 @@ class Daemon:
         helpers = [
             asyncio.create_task(self.pump(call, events)),
             asyncio.create_task(self.relay_stop(events)),
-            asyncio.create_task(self.guard(self.submit_forever(connection, joined), events)),
+            asyncio.create_task(self.guard(self.outbox.send_forever(connection, joined), events)),
         ]
         try:
             while True:
@@ -306,7 +299,7 @@ class Daemon:
             # here rather than queued on the compute thread between two evaluations.
             self.note(site.accept(item.stored))
             return
-        await self.attested()
+        await self.wait_attested()
         started = time.perf_counter()
         vouched = self.work.own_signatures() if self.work is not None else frozenset()
         entry = await self.compute(site.advance, item.stored, vouched)
@@ -322,11 +315,10 @@ class Daemon:
     async def attest(self, site: Site, iteration: int) -> None:
         state_hash = await asyncio.get_running_loop().run_in_executor(self.hasher, site.replica.state_hash)
         record = Attestation(site.job.spec.job_id, iteration, state_hash, self.public_key)
-        self.attestations.append(entries.sign_record(self.key, record))
         self.log("attesting", iteration=iteration, state_hash=state_hash.hex())
-        self.outgoing.set()
+        self.outbox.attest(entries.sign_record(self.key, record))
 
-    async def attested(self) -> None:
+    async def wait_attested(self) -> None:
         """Wait for the state hash in progress: the replica must not move under it."""
         if self.attesting is not None:
             attesting, self.attesting = self.attesting, None
@@ -348,7 +340,7 @@ class Daemon:
         self.work.assign(message.assigned)
         self.log("opened", iteration=opened.iteration, assigned=len(self.work.assigned), retention=opened.measure_retention)
         self.wake.set()
-        self.outgoing.set()
+        self.outbox.notify()
 
     def on_reassigned(self, message: pb.Reassignment) -> None:
         if self.work is None or self.work.iteration != message.iteration:
@@ -356,7 +348,7 @@ class Daemon:
         self.work.add(message.added)
         self.log("reassigned", iteration=message.iteration, added=len(message.added))
         self.wake.set()
-        self.outgoing.set()
+        self.outbox.notify()
 
     # ---- evaluating ----------------------------------------------------------------------------
 
@@ -400,55 +392,14 @@ class Daemon:
                 rewards=rewards,
                 seconds=round(time.perf_counter() - started, 4),
             )
-        self.outgoing.set()
+        self.outbox.notify()
 
     def drop_stale(self, work: IterationWork) -> None:
         """The replica moved past `work`'s center (its iteration closed): nothing of it is measurable now."""
         if self.work is work:
             self.work = None
 
-    # ---- submitting ----------------------------------------------------------------------------
-
-    async def submit_forever(self, connection: Connection, joined: Joined) -> None:
-        sent = -math.inf
-        while True:
-            await self.outgoing.wait()
-            self.outgoing.clear()
-            while self.more_coming() and (wait := sent + PARTIAL_SUBMIT_INTERVAL_S - time.monotonic()) > 0:
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self.outgoing.wait(), wait)
-                self.outgoing.clear()
-            sent = time.monotonic()
-            await self.flush(connection, joined)
-
-    def more_coming(self) -> bool:
-        """Members (or a retention report) of ours are still being evaluated this iteration."""
-        work = self.work
-        return work is not None and not self.stop.is_set() and bool(work.pending() or work.retention_due())
-
-    async def flush(self, connection: Connection, joined: Joined, attempts: int = SUBMIT_ATTEMPTS) -> None:
-        """Send every result, retention report and attestation the coordinator has not taken yet."""
-        async with self.sending:
-            await self.send_outbox(connection, joined, attempts)
-
-    async def send_outbox(self, connection: Connection, joined: Joined, attempts: int) -> None:
-        work = self.work
-        if work is not None:
-            members, results, retention = work.outbox()
-            # Batches of SUBMIT_BATCH: a big low-rank population stays under the coordinator's per-call limit.
-            for start in range(0, max(len(results), len(retention)), SUBMIT_BATCH):
-                batch, sent = results[start : start + SUBMIT_BATCH], retention if start == 0 else []
-                reply = await retried(lambda: connection.submit(joined, batch, sent), self.backoff, self.rng, attempts)
-                for member, status in work.settle(members[start : start + SUBMIT_BATCH], reply, bool(sent)):
-                    what = "retention report" if member < 0 else f"member {member}"
-                    self.log("rejected", iteration=work.iteration, item=what, reason=pb.Reason.Name(status.reason), detail=status.detail)
-                self.log("submitted", iteration=work.iteration, results=len(batch), retention=len(sent))
-        while self.attestations:
-            signed = self.attestations[0]
-            body = entries.encode_signed(signed)
-            reply = await retried(lambda: connection.attest(joined, body), self.backoff, self.rng, attempts)
-            self.attestations.pop(0)
-            self.log("attested", iteration=signed.record.iteration, status=pb.Reason.Name(reply.status.reason))
+    # ---- leaving -------------------------------------------------------------------------------
 
     async def drain(self, connection: Connection, joined: Joined) -> None:
         """Before leaving: let the member in progress finish, then send what is still unsent (bounded)."""
@@ -456,11 +407,8 @@ class Daemon:
         self.wake.set()
         if self.evaluator is not None:
             await asyncio.wait({self.evaluator}, timeout=DRAIN_MEMBER_TIMEOUT_S)
-        await self.attested()
-        try:
-            await asyncio.wait_for(self.flush(connection, joined, DRAIN_ATTEMPTS), DRAIN_SEND_TIMEOUT_S)
-        except (asyncio.TimeoutError, grpc.aio.AioRpcError, SessionLost) as exc:
-            self.log("unsent_at_exit", reason=describe(exc))
+        await self.wait_attested()
+        await self.outbox.drain(connection, joined)
 
 
 def serve(config: WorkerConfig, make_backend: BackendFactory) -> int:

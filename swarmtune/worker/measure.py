@@ -8,11 +8,11 @@ from typing import Sequence
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from swarmtune import entries, identity
+from swarmtune.backends.base import Backend
 from swarmtune.entries import RetentionReport, Signed, WorkerResult
 from swarmtune.jobspec import JobSpec
 from swarmtune.seeds import MemberNoise
 from swarmtune.tasks.base import Example, Task, columns_of, sample_indices
-from swarmtune.worker.backend import Backend
 from swarmtune.worker.site import Site
 
 

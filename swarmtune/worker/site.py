@@ -7,14 +7,15 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from swarmtune import ledger
-from swarmtune.entries import Genesis, Iteration, StoredEntry
+from swarmtune.backends.base import Backend, BackendFactory
+from swarmtune.entries import Genesis, StoredEntry
+from swarmtune.follower import LedgerFollower
 from swarmtune.jobspec import JobSpec
 from swarmtune.models import load_model, resolve_model
 from swarmtune.noisecache import NoiseCache
 from swarmtune.replay import Replica, genesis_spec, replica_from_genesis
 from swarmtune.tasks.base import Task
 from swarmtune.tasks.registry import load_task
-from swarmtune.worker.backend import Backend, BackendFactory
 from swarmtune.worker.config import WorkerConfig
 
 
@@ -26,8 +27,12 @@ class LoadedModel:
     tokenizer: Any
 
 
+def load_base_model(model: str, device: str) -> LoadedModel:
+    return LoadedModel(*load_model(resolve_model(model), device=device))
+
+
 @dataclass(frozen=True)
-class Job:
+class JoinedJob:
     """What a worker derives once from genesis: the spec, its tasks, and the genesis it joined."""
 
     spec: JobSpec
@@ -36,33 +41,24 @@ class Job:
     retention: Task | None
 
 
-class Site:
-    """Advances entry by entry: every entry verified against the chain before an iteration is applied."""
+class Site(LedgerFollower):
+    """The worker's follower of its job, with the backend that evaluates members on the replica's center."""
 
     def __init__(
-        self, job: Job, chain: ledger.ChainState, replica: Replica, backend: Backend, noise_cache: NoiseCache, verifier: ThreadPoolExecutor
+        self,
+        job: JoinedJob,
+        chain: ledger.ChainState,
+        replica: Replica,
+        backend: Backend,
+        noise_cache: NoiseCache,
+        verifier: ThreadPoolExecutor,
     ) -> None:
+        # The cache is the backend's too: members' noise it drew, drawn again by the update. The
+        # verifier checks other workers' result signatures on every core, one live entry at a time.
+        super().__init__(chain, replica, noise_cache, verifier)
         self.job = job
-        self.chain = chain
-        self.replica = replica
         self._backend = backend
-        self._noise_cache = noise_cache  # the backend's too: members' noise, drawn again by the update
-        self._verifier = verifier  # checks other workers' result signatures on every core
         self._center_iteration = 0  # the backend was built on the base state
-
-    @property
-    def next_index(self) -> int:
-        return self.chain.next_index
-
-    def accept(self, stored: bytes, vouched: ledger.Vouched = ()) -> StoredEntry:
-        """Verify the next entry (seal, chain, signatures, bindings; `vouched`: our own signed results);
-        apply it if it closes an iteration."""
-        checked = ledger.checked_results([stored], self._verifier, skip=vouched)
-        chain, entry = ledger.advance(self.chain, stored, {*vouched, *checked})
-        if isinstance(entry.entry.body, Iteration):
-            self.replica.apply(entry.entry.body, self._noise_cache)
-        self.chain = chain
-        return entry
 
     def advance(self, stored: bytes, vouched: ledger.Vouched = ()) -> StoredEntry:
         """`accept` a live entry and hand the new center to the backend: the next iteration evaluates on it."""
@@ -78,10 +74,6 @@ class Site:
         return self._backend
 
 
-def load_base_model(model: str, device: str) -> LoadedModel:
-    return LoadedModel(*load_model(resolve_model(model), device=device))
-
-
 def open_site(
     stored_genesis: bytes, config: WorkerConfig, make_backend: BackendFactory, loaded: LoadedModel | None, verifier: ThreadPoolExecutor
 ) -> Site:
@@ -94,6 +86,6 @@ def open_site(
     replica = replica_from_genesis(base.model, genesis, config.device)
     task = load_task(spec.task, tokenizer=base.tokenizer, **spec.task_options)
     retention = load_task(spec.retention_task, tokenizer=base.tokenizer, **spec.retention_options) if spec.retention_task else None
-    job = Job(spec, entry.hash, task, retention)
+    job = JoinedJob(spec, entry.hash, task, retention)
     cache = NoiseCache(config.noise_cache_mb << 20)
     return Site(job, chain, replica, make_backend(base.model, base.tokenizer, replica.base, spec, config.device, cache), cache, verifier)

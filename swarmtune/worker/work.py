@@ -75,7 +75,7 @@ class IterationWork:
     def retention_due(self) -> bool:
         return self.opened.measure_retention and self.retention is None
 
-    def outbox(self) -> tuple[list[int], list[bytes], list[bytes]]:
+    def untaken(self) -> tuple[list[int], list[bytes], list[bytes]]:
         """(members, their encoded results, encoded retention report) not yet taken by the coordinator."""
         members = sorted(self.unsent)
         results = [entries.encode_signed(self.results[m]) for m in members]

@@ -1,0 +1,1 @@
+"""Evaluation backends behind one protocol, found by name (like tasks/)."""

@@ -1,0 +1,255 @@
+"""The Hugging Face backend: one reward per ES member, by materialised or low-rank batched greedy decoding."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from swarmtune.backends.base import mean_reward
+from swarmtune.backends.perturbation import LowRankDelta, lowrank_deltas, perturbed_weights, uses_lowrank_batching
+from swarmtune.fixedpoint import derive
+from swarmtune.jobspec import JobSpec
+from swarmtune.noise import NoiseConfig
+from swarmtune.noisecache import NoiseCache
+from swarmtune.seeds import MemberNoise
+from swarmtune.shaping import sigma_integer
+from swarmtune.state import MasterState, write_weights
+from swarmtune.tasks.base import Example, RewardFn, columns_of
+
+
+@dataclass(frozen=True)
+class PromptBatch:
+    """Left-padded token ids of a prompt batch and their attention mask (rows × length)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+
+    @property
+    def rows(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def repeat(self, times: int) -> PromptBatch:
+        """The batch `times` over, member-major: row m·P + p is prompt p of member m."""
+        return PromptBatch(self.input_ids.repeat(times, 1), self.attention_mask.repeat(times, 1))
+
+
+def encode_prompts(tokenizer: Any, prompts: Sequence[str], device: torch.device | str) -> PromptBatch:
+    """Tokenize once, left padded so every row's next token is at the last position."""
+    encoded = tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="left")
+    return PromptBatch(encoded["input_ids"].to(device), encoded["attention_mask"].to(device))
+
+
+def stop_token_ids(model: nn.Module, tokenizer: Any) -> tuple[int, ...]:
+    """EOS ids from the generation config (an int or a list), else the tokenizer's."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if configured is None:
+        configured = tokenizer.eos_token_id
+    if configured is None:
+        return ()
+    return tuple(configured) if isinstance(configured, (list, tuple)) else (int(configured),)
+
+
+def greedy_tokens(
+    model: nn.Module, batch: PromptBatch, max_new_tokens: int, stop_ids: Sequence[int], pad_id: int
+) -> torch.Tensor:
+    """Greedy continuations (rows × steps) using the model's KV cache; a row is padded after its EOS.
+
+    A lean loop rather than `generate`: HF's per-step bookkeeping dominates for small models.
+    """
+    rows = batch.rows
+    device = batch.input_ids.device
+    mask = batch.attention_mask
+    cache = cache_keyword(model)
+    # Left padding: positions count real tokens only, as HF generate computes them.
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    stops = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
+    finished = torch.zeros(rows, dtype=torch.bool, device=device)
+    steps: list[torch.Tensor] = []
+    with torch.inference_mode():
+        output = model(
+            input_ids=batch.input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        positions = positions[:, -1:]
+        for step in range(max_new_tokens):
+            token = output.logits[:, -1].argmax(-1).masked_fill_(finished, pad_id)
+            steps.append(token)
+            finished |= torch.isin(token, stops)
+            if step + 1 == max_new_tokens or bool(finished.all()):
+                break
+            mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
+            positions = positions + 1
+            output = model(
+                input_ids=token[:, None],
+                attention_mask=mask,
+                position_ids=positions,
+                **{cache: getattr(output, cache)},
+                use_cache=True,
+            )
+    return torch.stack(steps, dim=1) if steps else batch.input_ids.new_empty(rows, 0)
+
+
+def cache_keyword(model: nn.Module) -> str:
+    """The name of the KV cache in a forward call and its output: `cache` since transformers 5.x
+    deprecated `past_key_values` (removed in 5.40), `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def decode_completions(tokenizer: Any, tokens: torch.Tensor, stop_ids: Sequence[int]) -> list[str]:
+    """Completion texts: each row cut before its first EOS, special tokens skipped (as TRL decodes)."""
+    texts = []
+    for row in tokens.tolist():
+        end = next((i for i, token in enumerate(row) if token in stop_ids), len(row))
+        texts.append(tokenizer.decode(row[:end], skip_special_tokens=True))
+    return texts
+
+
+def _add_lowrank(delta: LowRankDelta) -> Callable[[nn.Module, tuple[Any, ...], torch.Tensor], torch.Tensor]:
+    def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+        members = delta.b_t.shape[0]
+        x = args[0].reshape(members, -1, args[0].shape[-1])
+        # Bᵀ·xᵀ (wide r × rows result) runs several times faster than x·B (a width-r GEMM) on CPU.
+        projected = torch.bmm(delta.b_t, x.transpose(1, 2)).transpose(1, 2)
+        grouped = output.view(members, -1, output.shape[-1])
+        return grouped.baddbmm_(projected, delta.a_t).view(output.shape)
+
+    return hook
+
+
+@contextlib.contextmanager
+def lowrank_hooks(model: nn.Module, deltas: Sequence[LowRankDelta]) -> Iterator[None]:
+    """Forward hooks adding each member's low-rank term to its rows, removed on exit."""
+    handles = [model.get_submodule(d.module).register_forward_hook(_add_lowrank(d)) for d in deltas]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class HFBackend:
+    """Evaluates ES members on a Hugging Face causal LM whose weights are derived from a master state.
+
+    Call set_center after the master state changes (for example after an update was applied).
+    `noise_cache` keeps each seed's noise (dense, or low-rank factors) for its antithetic twin and the update that follows.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        state: MasterState,
+        noise: NoiseConfig,
+        sigma: float,
+        device: torch.device | str,
+        max_rows: int | None = None,
+        noise_cache: NoiseCache | None = None,
+    ) -> None:
+        if max_rows is not None and max_rows < 1:
+            raise ValueError(f"max_rows must be at least 1, got {max_rows}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.noise = noise
+        self.sigma_int = sigma_integer(sigma)
+        self.device = torch.device(device)
+        self.max_rows = max_rows
+        self.noise_cache = noise_cache
+        self.stop_ids = stop_token_ids(model, tokenizer)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
+        self.state = state.to(self.device)
+        write_weights(model, self.state)  # frozen tensors keep these for good
+        self.trainable = tuple(
+            (index, spec, model.get_parameter(spec.name)) for index, spec in enumerate(self.state.specs) if spec.treatment != "frozen"
+        )
+        self.set_center(state)
+
+    def set_center(self, state: MasterState) -> None:
+        """Evaluate around `state` from now on. Its derived weights are written when a generation needs
+        them: dense members never do (each writes every trainable tensor), so a dense worker skips it."""
+        self.state = state.to(self.device)
+        self._center: tuple[torch.Tensor, ...] | None = None  # derived once per center, then copied
+        self._center_shown = False
+
+    def _show_center(self) -> None:
+        """The center's derived weights in the model (after members, an exact copy of the cached ones)."""
+        if self._center_shown:
+            return
+        with torch.no_grad():
+            if self._center is None:
+                self._center = tuple(
+                    derive(self.state.q[index], spec.exponent, param.dtype).view(param.shape) for index, spec, param in self.trainable
+                )
+            for (_, _, param), weights in zip(self.trainable, self._center):
+                param.copy_(weights)
+        self._center_shown = True
+
+    def generate(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
+        """Greedy completions of the center model (completion text only)."""
+        self._show_center()
+        return self._completions(encode_prompts(self.tokenizer, prompts, self.device), max_new_tokens)
+
+    def evaluate(
+        self,
+        members: Sequence[MemberNoise],
+        examples: Sequence[Example],
+        reward_fn: RewardFn,
+        max_new_tokens: int,
+        materialised: bool = False,
+    ) -> list[float]:
+        """One reward per member: the mean of reward_fn over the prompt batch under its perturbation."""
+        if not examples:
+            raise ValueError("evaluate needs at least one example")
+        if not members:
+            return []
+        prompts = [example.prompt for example in examples]
+        columns = columns_of(examples)
+        batch = encode_prompts(self.tokenizer, prompts, self.device)
+        if materialised or not uses_lowrank_batching(self.state):
+            completions = [self._member_completions(member, batch, max_new_tokens) for member in members]
+        else:
+            completions = self._batched_completions(members, batch, max_new_tokens)
+        return [mean_reward(reward_fn, prompts, texts, columns) for texts in completions]
+
+    def _completions(self, batch: PromptBatch, max_new_tokens: int) -> list[str]:
+        """Greedy completions of whatever weights the model holds now."""
+        tokens = greedy_tokens(self.model, batch, max_new_tokens, self.stop_ids, self.pad_id)
+        return decode_completions(self.tokenizer, tokens, self.stop_ids)
+
+    def _member_completions(self, member: MemberNoise, batch: PromptBatch, max_new_tokens: int) -> list[str]:
+        """The member's derived weights written over every trainable tensor, then its completions."""
+        self._center_shown = False  # from the first write on, the model holds no center
+        params = {index: param for index, _, param in self.trainable}
+        with torch.no_grad():
+            for index, weight in perturbed_weights(self.state, member, self.sigma_int, self.noise, torch.float32, self.noise_cache):
+                params[index].copy_(weight)  # float32 -> the parameter's dtype: derive's last rounding
+        return self._completions(batch, max_new_tokens)
+
+    def _batched_completions(
+        self, members: Sequence[MemberNoise], batch: PromptBatch, max_new_tokens: int
+    ) -> list[list[str]]:
+        """All members in one greedy generation (chunked by whole members when max_rows is set)."""
+        self._show_center()
+        dtype = self.trainable[0][2].dtype
+        deltas = lowrank_deltas(self.state, members, self.sigma_int, self.noise, dtype, self.device, self.noise_cache)
+        per_chunk = max(1, self.max_rows // batch.rows) if self.max_rows else len(members)
+        texts: list[str] = []
+        for start in range(0, len(members), per_chunk):
+            stop = min(start + per_chunk, len(members))
+            with lowrank_hooks(self.model, [d.members(start, stop) for d in deltas]):
+                texts += self._completions(batch.repeat(stop - start), max_new_tokens)
+        return [texts[i : i + batch.rows] for i in range(0, len(texts), batch.rows)]
+
+
+def build(
+    model: nn.Module, tokenizer: Any, state: MasterState, spec: JobSpec, device: str, noise_cache: NoiseCache | None
+) -> HFBackend:
+    """The HF backend of a job (its registry entry: a BackendFactory)."""
+    return HFBackend(model, tokenizer, state, spec.noise, spec.sigma, device, noise_cache=noise_cache)

@@ -1,0 +1,124 @@
+"""Who evaluates what: the opening assignment, re-assignment of lost and straggling members, and
+telling each connected worker its part."""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+from swarmtune.coordinator import assignment
+from swarmtune.coordinator.broadcast import Broadcaster, Outgoing, announce
+from swarmtune.coordinator.chain import History, now_ms
+from swarmtune.coordinator.lifecycle import OpenIteration
+from swarmtune.coordinator.round import Round
+from swarmtune.coordinator.sessions import Sessions
+from swarmtune.jobspec import JobSpec
+from swarmtune.wire import ledger_pb2
+from swarmtune.wire import service_pb2 as pb
+
+log = logging.getLogger("swarmtune.coordinator")
+
+
+class Scheduler:
+    """Assigns the open round's members to connected, non-revoked workers and announces them."""
+
+    def __init__(self, spec: JobSpec, history: History, sessions: Sessions, broadcast: Broadcaster) -> None:
+        self._spec = spec
+        self._history = history
+        self._sessions = sessions
+        self._broadcast = broadcast
+
+    def candidates(self) -> list[assignment.Candidate]:
+        out = []
+        for key in self._broadcast.connected():
+            session = self._sessions.current(key)
+            if session is not None and key not in self._history.revoked:
+                out.append(assignment.Candidate(key, session.operator, session.capacity))
+        return out
+
+    def _target(self, candidates: Sequence[assignment.Candidate]) -> int:
+        """Replicas per member: k, capped by the distinct operators connected (k while none is)."""
+        return assignment.effective_replicas(self._spec.redundancy, candidates) if candidates else self._spec.redundancy
+
+    def open_round(self, opened: OpenIteration) -> Round:
+        """The round of a newly opened iteration, its members assigned and announced."""
+        candidates = self.candidates()
+        target = self._target(candidates)
+        current = Round(opened, target, self._spec.redundancy_tolerance)
+        members = [m.member for m in opened.members]
+        for key, assigned in assignment.assign(members, candidates, target, rotation=opened.iteration).items():
+            current.give(key, assigned)
+        if self._spec.retention_due(opened.iteration) and candidates:
+            current.retention_worker = min(candidates, key=lambda c: (current.load(c.key), c.key)).key
+        for key in self._broadcast.connected():
+            self.announce_open(current, key)
+        log.info("iteration opened", extra={"iteration": opened.iteration, "workers": len(candidates), "replicas": target})
+        return current
+
+    def announce_open(self, current: Round, key: bytes) -> None:
+        """The iteration's common part (serialized once per round) followed by this worker's part:
+        protobuf merges repeated occurrences of a message field, so the concatenation parses as one."""
+        opened = current.open
+        if current.opened_bytes is None:
+            common = pb.IterationOpened(
+                iteration=opened.iteration,
+                head_hash=opened.head_hash,
+                members=[ledger_pb2.MemberNoise(member=m.member, seed=m.seed, sign=m.sign) for m in opened.members],
+            )
+            current.opened_bytes = pb.Announcement(opened=common).SerializeToString()
+        own = pb.IterationOpened(
+            assigned=current.pending(key),
+            deadline_ms=opened.deadline_ms,
+            measure_retention=current.retention_worker == key and key not in current.retention,
+        )
+        data = current.opened_bytes + pb.Announcement(opened=own).SerializeToString()
+        self._broadcast.send(key, Outgoing(data, opened=opened.iteration))
+
+    def greet(self, current: Round | None, key: bytes) -> None:
+        """A fresh stream learns the open iteration (unless it opened while the stream caught up)."""
+        if current is not None and not current.closing and not self._broadcast.announced(key, current.open.iteration):
+            self.reconcile(current)
+            self.announce_open(current, key)
+
+    def reconcile(self, current: Round) -> None:
+        """Give members that lack holders to connected workers (after the straggle point, idle ones too)."""
+        if current.closing:
+            return
+        candidates = self.candidates()
+        current.retarget(self._target(candidates))
+        needs = current.needs()
+        straggling = current.straggling() if now_ms() >= current.open.straggle_ms else {}
+        connected = {c.key for c in candidates}
+        retention_moved = self._move_retention(current, connected)
+        if not needs and not straggling and not retention_moved:
+            return
+        load = {c.key: current.load(c.key) for c in candidates}
+        holders = {m: frozenset(current.holders.get(m, ())) for m in {*needs, *straggling}}
+        added = assignment.reassign(needs, holders, candidates, load)
+        if straggling:
+            idle = [c for c in candidates if load[c.key] == 0 and c.key not in added]
+            stolen = assignment.reassign(straggling, holders, idle, load)
+            for key, members in stolen.items():
+                current.stolen.update(members)
+                added[key] = tuple(sorted({*added.get(key, ()), *members}))
+        for key, members in added.items():
+            current.give(key, members)
+        for key in set(added) | ({retention_moved} if retention_moved else set()):
+            if self._broadcast.announced(key, current.open.iteration):
+                message = pb.Reassignment(
+                    iteration=current.open.iteration,
+                    added=added.get(key, ()),
+                    deadline_ms=current.open.deadline_ms,
+                    measure_retention=key == retention_moved,
+                )
+                self._broadcast.send(key, announce(pb.Announcement(reassigned=message)))
+        if added:
+            log.info("members re-assigned", extra={"iteration": current.open.iteration, "members": sum(map(len, added.values()))})
+
+    def _move_retention(self, current: Round, connected: set[bytes]) -> bytes | None:
+        """A new retention worker when the one asked is gone before reporting."""
+        due = self._spec.retention_due(current.open.iteration)
+        if not due or current.retention or not connected or current.retention_worker in connected:
+            return None
+        current.retention_worker = min(connected)
+        return current.retention_worker

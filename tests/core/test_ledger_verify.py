@@ -1,0 +1,362 @@
+"""Ledger verification: a sound ledger passes; each kind of tampering is caught at its entry."""
+
+from __future__ import annotations
+
+import math
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+
+import pytest
+
+from swarmtune import entries, identity, ledger, precheck
+from swarmtune.entries import Admission, Checkpoint, Iteration, Revocation, WorkerResult
+from swarmtune.wire import ledger_pb2 as pb
+from tests.support.ledger_factory import BASE_STATE, ChainBuilder, sound_chain
+
+
+def _problem(stored: list[bytes], **kwargs: object) -> ledger.Problem:
+    # Results checked ahead on other threads change nothing: the same first problem, the same report.
+    report, threaded = (ledger.verify_chain(stored, threads=n, **kwargs) for n in (1, 4))  # type: ignore[arg-type]
+    assert report == threaded
+    assert not report.ok, "verification passed a ledger it should have failed"
+    assert report.problem is not None
+    return report.problem
+
+
+def _expect(stored: list[bytes], index: int | None, kind: str, fragment: str) -> None:
+    problem = _problem(stored)
+    assert (problem.index, problem.kind) == (index, kind), problem.describe()
+    assert fragment in problem.message, problem.describe()
+
+
+def _with_envelope(stored: bytes, edit: object) -> bytes:
+    """Stored bytes whose envelope `edit` changed, keeping the original coordinator signature."""
+    signed = pb.SignedEntry.FromString(stored)
+    envelope = pb.Entry.FromString(signed.entry)
+    edit(envelope)  # type: ignore[operator]
+    return pb.SignedEntry(entry=envelope.SerializeToString(), signature=signed.signature).SerializeToString()
+
+
+def _one_iteration(chain: ChainBuilder, **changes: object) -> list[bytes]:
+    chain.add(chain.iteration(**changes))
+    return chain.stored
+
+
+def test_sound_ledger_verifies_and_counts_what_it_checked() -> None:
+    chain = sound_chain(iterations=3)
+    report = ledger.verify_chain(chain.stored, identity.public_key_bytes(chain.coordinator))
+    assert report.ok, report.problem
+    assert report == ledger.verify_chain(chain.stored, identity.public_key_bytes(chain.coordinator), threads=1)
+    assert report.entries == len(chain.stored) and report.job_id == "job-test"
+    assert report.head_hash == entries.parse_entry(chain.stored[-1]).hash
+    kinds = {"genesis": 1, "iteration": 3, "admission": 1, "attestation": 1, "checkpoint": 1, "revocation": 1}
+    assert report.kinds == kinds
+    assert report.worker_signatures == 3 * 4 + 1 + 2
+    assert report.to_json()["ok"] is True
+
+
+def test_results_checked_ahead_are_exactly_those_whose_signatures_verify() -> None:
+    original, stored = _reward_edited_by_the_coordinator()
+    with ThreadPoolExecutor(2) as pool:
+        checked = precheck.checked_results(map(precheck.parse, [*stored, b"not an entry"]), pool)
+    results = entries.parse_entry(stored[1]).entry.body.results  # type: ignore[union-attr]
+    assert checked == {(r.body, r.signature) for i, r in enumerate(results) if i != 1}  # result 1 is forged
+    assert (original.body, original.signature) not in checked  # never recorded, so never checked
+    mine = {(results[0].body, results[0].signature)}
+    with ThreadPoolExecutor(2) as pool:
+        assert precheck.checked_results(map(precheck.parse, stored), pool, skip=mine) == checked - mine  # a worker's own: not checked again
+
+
+def test_a_forged_result_among_many_is_caught_on_the_pool_too() -> None:
+    chain = ChainBuilder()
+    honest = chain.iteration(members=3 * precheck.RESULT_CHUNK)  # several chunks: checked on the pool
+    forged = replace(honest.results[200], signature=bytes(64))
+    stored = _one_iteration(chain, members=len(honest.members), results=(*honest.results[:200], forged, *honest.results[201:]))
+    with ThreadPoolExecutor(2) as pool:
+        checked = precheck.checked_results(map(precheck.parse, stored), pool)
+    assert checked == {(r.body, r.signature) for r in honest.results} - {(forged.body, honest.results[200].signature)}
+    assert "result 200: worker signature invalid" in _problem(stored).message
+
+
+def test_a_walk_continued_from_where_another_stopped_agrees_with_whole_chain_verification() -> None:
+    chain = sound_chain(iterations=2)
+    state, _ = ledger.start(chain.stored[0])
+    for part in (chain.stored[1:3], chain.stored[3:4], chain.stored[4:]):
+        state, _ = list(ledger.walk(part, state))[-1]
+    assert state.head_hash == ledger.verify_chain(chain.stored).head_hash
+    assert state.last_iteration == 2 and identity.public_key_bytes(chain.workers[1]) in state.revoked
+
+
+def test_reward_edited_in_place_breaks_the_coordinator_signature_at_that_entry() -> None:
+    chain = sound_chain(iterations=3)
+    k = 3
+
+    def raise_reward(envelope: pb.Entry) -> None:
+        body = pb.WorkerResult.FromString(envelope.iteration.results[0].result)
+        body.reward = 1e9
+        envelope.iteration.results[0].result = body.SerializeToString()
+
+    stored = list(chain.stored)
+    stored[k] = _with_envelope(stored[k], raise_reward)
+    _expect(stored, k, "iteration", "coordinator signature invalid")
+
+
+def _reward_edited_by_the_coordinator() -> tuple[entries.Signed[WorkerResult], list[bytes]]:
+    """Worker 1's honest result, and a ledger whose entry 1 records it with another reward under its signature."""
+    chain = ChainBuilder()
+    honest = chain.iteration()
+    original = honest.results[1]
+    body = pb.WorkerResult.FromString(original.body)
+    body.reward = 1e9
+    forged = entries.Signed(replace(original.record, reward=1e9), body.SerializeToString(), original.signature)
+    results = (honest.results[0], forged, *honest.results[2:])
+    rewards = (honest.rewards[0], 1e9, *honest.rewards[2:])
+    return original, _one_iteration(chain, results=results, rewards=rewards)
+
+
+def test_reward_edited_by_the_coordinator_breaks_the_worker_signature() -> None:
+    _, stored = _reward_edited_by_the_coordinator()
+    _expect(stored, 1, "iteration", "result 1: worker signature invalid")
+
+
+def test_a_worker_skips_only_its_own_exact_signatures() -> None:
+    original, stored = _reward_edited_by_the_coordinator()
+    state, _ = ledger.start(stored[0])
+    mine = {(original.body, original.signature)}  # what the worker signed: the reward it measured
+    with pytest.raises(ledger.LedgerError, match="result 1: worker signature invalid"):
+        ledger.advance(state, stored[1], vouched=mine)  # its signature on other bytes counts for nothing
+    # What it vouches for is taken as signed, byte for byte, and is not verified again.
+    chain = ChainBuilder()
+    first = chain.iteration()
+    unchecked = replace(first.results[1], signature=bytes(64))
+    stored = _one_iteration(chain, results=(first.results[0], unchecked, *first.results[2:]))
+    state, _ = ledger.start(stored[0])
+    ledger.advance(state, stored[1], vouched={(unchecked.body, unchecked.signature)})
+    with pytest.raises(ledger.LedgerError, match="result 1: worker signature invalid"):
+        ledger.advance(state, stored[1])
+
+
+def test_recorded_reward_not_from_a_result_is_caught() -> None:
+    chain = ChainBuilder()
+    rewards = (*chain.iteration().rewards[:3], 42.0)
+    _expect(_one_iteration(chain, rewards=rewards), 1, "iteration", "member 3's reward 42.0 is outside")
+
+
+def test_swapped_signatures_are_caught_at_the_first_swapped_entry() -> None:
+    stored = list(sound_chain(iterations=3).stored)
+    a, b = pb.SignedEntry.FromString(stored[2]), pb.SignedEntry.FromString(stored[3])
+    stored[2] = pb.SignedEntry(entry=a.entry, signature=b.signature).SerializeToString()
+    stored[3] = pb.SignedEntry(entry=b.entry, signature=a.signature).SerializeToString()
+    _expect(stored, 2, "admission", "coordinator signature invalid")
+
+
+def test_deleted_entry_is_caught_where_it_is_missing() -> None:
+    stored = list(sound_chain(iterations=3).stored)
+    del stored[4]
+    _expect(stored, 4, "attestation", "has index 5 at position 4")
+
+
+def test_swapped_entries_are_caught_at_the_first_of_them() -> None:
+    stored = list(sound_chain(iterations=3).stored)
+    stored[3], stored[4] = stored[4], stored[3]
+    _expect(stored, 3, "iteration", "has index 4 at position 3")
+
+
+def test_entry_with_a_rewritten_prev_hash_is_caught() -> None:
+    chain = sound_chain(iterations=3)
+    entry = replace(entries.parse_entry(chain.stored[5]).entry, prev_hash=bytes(32))
+    stored = list(chain.stored)
+    stored[5] = entries.seal(chain.coordinator, entry)  # properly sealed, but not chained
+    _expect(stored, 5, "attestation", "prev_hash is not the hash of entry 4")
+
+
+def test_entry_sealed_by_another_coordinator_key_is_caught() -> None:
+    chain = sound_chain(iterations=2)
+    impostor = identity.generate_key()
+    stored = list(chain.stored)
+    stored[-1] = entries.seal(impostor, entries.parse_entry(stored[-1]).entry)
+    _expect(stored, len(stored) - 1, "revocation", "coordinator signature invalid")
+
+
+def test_result_from_an_unadmitted_worker_is_rejected() -> None:
+    chain = ChainBuilder(workers=3, admitted=2)
+    _expect(_one_iteration(chain, workers=chain.workers), 1, "iteration", "result 2: worker")
+    assert "is not admitted" in _problem(chain.stored).message
+
+
+def test_result_from_a_revoked_worker_is_rejected() -> None:
+    chain = ChainBuilder(workers=2)
+    chain.add(chain.iteration())
+    chain.add(Revocation(chain.key(1), "misbehaved", "op"))
+    _expect(_one_iteration(chain, workers=chain.workers), 3, "iteration", "was revoked")
+
+
+def test_worker_admitted_while_an_iteration_was_open_may_submit_to_it() -> None:
+    chain = ChainBuilder(workers=3, admitted=2)
+    opened = chain.iteration(workers=chain.workers)  # bound to the head before the admission
+    chain.add(Admission(chain.key(2), "joined", "op-c"))
+    chain.add(opened)
+    assert ledger.verify_chain(chain.stored).ok
+
+
+def test_revoked_key_cannot_be_admitted_again() -> None:
+    chain = ChainBuilder(workers=2)
+    chain.add(Revocation(chain.key(1), "leaked", "op"))
+    chain.add(Admission(chain.key(1), "please", "op"))
+    _expect(chain.stored, 2, "admission", "revoked keys stay revoked")
+
+
+def test_revoking_an_unknown_key_is_refused() -> None:
+    chain = ChainBuilder()
+    chain.add(Revocation(identity.public_key_bytes(identity.generate_key()), "?", "op"))
+    _expect(chain.stored, 1, "revocation", "is not admitted")
+
+
+def _bad_result(chain: ChainBuilder, **changes: object) -> Iteration:
+    body = chain.iteration()
+    first = body.results[0]
+    record = replace(first.record, **changes)  # type: ignore[arg-type]
+    resigned = entries.sign_record(chain.workers[0], record)
+    return replace(body, results=(resigned, *body.results[1:]))
+
+
+@pytest.mark.parametrize(
+    ("changes", "fragment"),
+    [
+        ({"seed": 99}, "seed 99 is not member 0's seed"),
+        ({"member": 77}, "member 77 is not in the iteration"),
+        ({"head_hash": bytes(32)}, "another ledger head"),
+        ({"job_id": "other-job"}, "bound to job 'other-job'"),
+        ({"iteration": 5}, "bound to iteration 5"),
+        ({"reward": math.nan}, "not finite"),
+    ],
+)
+def test_result_not_bound_to_its_slot_is_rejected(changes: dict[str, object], fragment: str) -> None:
+    chain = ChainBuilder()
+    chain.add(_bad_result(chain, **changes))
+    _expect(chain.stored, 1, "iteration", fragment)
+
+
+def test_two_results_from_one_worker_for_one_member_are_refused() -> None:
+    chain = ChainBuilder()
+    body = chain.iteration()
+    _expect(_one_iteration(chain, results=(*body.results, body.results[0])), 1, "iteration", "a second result")
+
+
+def test_member_without_result_must_have_zero_coefficient() -> None:
+    chain = ChainBuilder()
+    body = chain.iteration()
+    _expect(_one_iteration(chain, results=body.results[:3]), 1, "iteration", "member 3 has no result but coefficient")
+
+
+@pytest.mark.parametrize(
+    ("changes", "fragment"),
+    [
+        ({"iteration": 2}, "iteration 2, expected 1"),
+        ({"coefficients": (1, 2)}, "4 members but 2 coefficients"),
+        ({"opened_head": bytes(32)}, "opened_head is not the hash"),
+    ],
+)
+def test_malformed_iterations_are_refused(changes: dict[str, object], fragment: str) -> None:
+    chain = ChainBuilder()
+    chain.add(replace(chain.iteration(), **changes))  # type: ignore[arg-type]
+    _expect(chain.stored, 1, "iteration", fragment)
+
+
+def test_iteration_cannot_bind_to_a_head_older_than_the_previous_iteration() -> None:
+    chain = ChainBuilder()
+    stale = chain.iteration()
+    chain.add(chain.iteration())
+    chain.add(replace(chain.iteration(), opened_head=stale.opened_head))
+    _expect(chain.stored, 2, "iteration", "opened_head is not the hash")
+
+
+def test_checkpoint_needs_a_quorum_of_distinct_admitted_attestors() -> None:
+    chain = ChainBuilder(workers=3, admitted=2)
+    chain.add(chain.iteration())
+    state = bytes([1]) * 32
+    one = chain.attestation(chain.workers[0], 1, state)
+    chain.add(Checkpoint(1, state, (one, one), 2))
+    _expect(chain.stored, 2, "checkpoint", "1 distinct attestors, quorum is 2")
+
+
+@pytest.mark.parametrize(
+    ("attestor", "iteration", "attested", "fragment"),
+    [
+        (2, 1, bytes([1]) * 32, "is not admitted"),
+        (0, 1, bytes([2]) * 32, "attests another state hash"),
+        (0, 0, bytes([1]) * 32, "bound to iteration 0, not 1"),
+    ],
+)
+def test_checkpoint_attestations_are_checked(attestor: int, iteration: int, attested: bytes, fragment: str) -> None:
+    chain = ChainBuilder(workers=3, admitted=2)
+    chain.add(chain.iteration())
+    state = bytes([1]) * 32
+    chain.add(Checkpoint(1, state, (chain.attestation(chain.workers[attestor], iteration, attested),), 1))
+    _expect(chain.stored, 2, "checkpoint", fragment)
+
+
+def test_checkpoint_beyond_the_ledger_or_of_a_wrong_base_is_refused() -> None:
+    chain = ChainBuilder()
+    chain.add(Checkpoint(0, bytes(32), (chain.attestation(chain.workers[0], 0, bytes(32)),), 1))
+    _expect(chain.stored, 1, "checkpoint", "does not carry the genesis base state hash")
+    chain = ChainBuilder()
+    chain.add(Checkpoint(3, bytes(32), (chain.attestation(chain.workers[0], 3, bytes(32)),), 1))
+    _expect(chain.stored, 1, "checkpoint", "beyond the last iteration 0")
+    chain = ChainBuilder()
+    chain.add(Checkpoint(0, BASE_STATE, (chain.attestation(chain.workers[0], 0, BASE_STATE),), 1))
+    assert ledger.verify_chain(chain.stored).ok
+
+
+def test_pinned_coordinator_key_must_match_genesis() -> None:
+    chain = ChainBuilder()
+    other = identity.public_key_bytes(identity.generate_key())
+    problem = _problem(chain.stored, coordinator_key=other)
+    assert (problem.index, problem.kind) == (0, "genesis") and "not the expected one" in problem.message
+
+
+def test_genesis_must_come_first_and_only_once() -> None:
+    chain = ChainBuilder()
+    genesis = entries.parse_entry(chain.stored[0]).entry.body
+    chain.add(genesis)
+    _expect(chain.stored, 1, "genesis", "a second genesis")
+    _expect(chain.stored[1:], 0, "genesis", "index 0")
+
+
+def test_genesis_spec_digest_is_checked() -> None:
+    chain = ChainBuilder()
+    entry = entries.parse_entry(chain.stored[0]).entry
+    body = replace(entry.body, job_spec=b"another spec")  # type: ignore[type-var]
+    _expect([entries.seal(chain.coordinator, replace(entry, body=body))], 0, "genesis", "job_spec_sha256")
+
+
+def test_entry_of_another_job_is_refused() -> None:
+    chain = ChainBuilder()
+    entry = entries.next_entry(entries.parse_entry(chain.stored[0]), Admission(chain.key(0), "x", "op"), 5)
+    stored = [*chain.stored, entries.seal(chain.coordinator, replace(entry, job_id="job-other"))]
+    _expect(stored, 1, "admission", "belongs to job 'job-other'")
+
+
+@pytest.mark.parametrize("garbage", [b"", b"\xff\xfe", b"\x0a\x01", bytes(100)])
+def test_garbage_entries_give_a_report_not_an_exception(garbage: bytes) -> None:
+    chain = ChainBuilder()
+    _expect([garbage], 0, "unknown", "malformed")
+    problem = _problem([*chain.stored, garbage])
+    assert problem.index == 1
+
+
+def test_empty_ledger_is_not_sound() -> None:
+    _expect([], 0, "none", "empty")
+
+
+def test_result_problem_is_what_the_coordinator_checks_submissions_with() -> None:
+    chain = ChainBuilder()
+    state, _ = ledger.start(chain.stored[0])
+    body = chain.iteration()
+    seeds = {m.member: m.seed for m in body.members}
+    assert ledger.result_problem(state, body.results[0], 1, body.opened_head, seeds) is None
+    stranger = identity.generate_key()
+    claim = replace(body.results[0].record, worker_key=identity.public_key_bytes(stranger))
+    foreign = entries.sign_record(stranger, claim)
+    assert "not admitted" in str(ledger.result_problem(state, foreign, 1, body.opened_head, seeds))
+    assert isinstance(body.results[0].record, WorkerResult)
