@@ -6,7 +6,7 @@ import enum
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Mapping
+from typing import Callable, Iterator, Mapping
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis
@@ -14,12 +14,14 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from swarmtune import entries
+from swarmtune.headcheck import Head, head_advice, head_problem, id_problem
 
 # Keys of one job. The braces are a Redis Cluster hash tag: every key of a job lands in one slot,
 # which the multi-key append script needs.
 LEDGER_KEY = "swarmtune:{{{job}}}:ledger"
 HEAD_KEY = "swarmtune:{{{job}}}:head"
 OPEN_KEY = "swarmtune:{{{job}}}:open"
+LEASE_KEY = "swarmtune:{{{job}}}:lease"  # the active coordinator's token, with a TTL it renews
 HEAD_PATTERN = "swarmtune:{*}:head"
 ENTRY_FIELD = b"e"
 READ_BATCH = 512
@@ -28,7 +30,9 @@ READ_BATCH = 512
 # (HELLO/AUTH) needs no permission. The append script runs HMGET, XRANGE, XADD, HSET and DEL as the
 # calling user. Any new command the store sends belongs here: the TLS/ACL tests run a real
 # coordinator and the auditor commands with exactly these permissions.
-COORDINATOR_COMMANDS = ("ping", "hmget", "hgetall", "hset", "del", "xrange", "xadd", "evalsha", "script|load")
+COORDINATOR_COMMANDS = (
+    "ping", "hmget", "hgetall", "hset", "del", "xrange", "xadd", "evalsha", "script|load", "set", "get", "pttl", "pexpire",
+)  # fmt: skip
 AUDITOR_COMMANDS = ("ping", "hmget", "xrange", "scan")
 # URL query parameters naming files that rediss:// connections read (redis-py's SSL options).
 TLS_FILE_PARAMETERS = ("ssl_ca_certs", "ssl_ca_path", "ssl_certfile", "ssl_keyfile")
@@ -60,6 +64,30 @@ next_index, head_hash = index + 1, ARGV[3]
 return reply('appended')
 """
 
+# Repair of a head record: set it to the stream's last entry, atomically checking that the entry is
+# still the last one (nothing appended since it was verified). KEYS: ledger stream, head hash.
+# ARGV: that entry's id, index, hash. Replies 1 when set, 0 when the stream moved.
+REPAIR_HEAD_SCRIPT = """
+if not redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1])[1] then return 0 end
+if redis.call('XRANGE', KEYS[1], '(' .. ARGV[1], '+', 'COUNT', 1)[1] then return 0 end
+redis.call('HSET', KEYS[2], 'index', ARGV[2], 'hash', ARGV[3])
+return 1
+"""
+
+# The job's lease (one active coordinator; docs/PROTOCOL.md §6.8). Take: set it to our token if no
+# one holds it; else reply who does and for how many more ms. KEYS: lease. ARGV: token, TTL ms.
+TAKE_LEASE_SCRIPT = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return {1, ARGV[1], tonumber(ARGV[2])} end
+return {0, redis.call('GET', KEYS[1]), redis.call('PTTL', KEYS[1])}
+"""
+# Keep: only while the key still holds our token (so nobody held it since), renew it for ARGV[2] ms,
+# or with ARGV[2] = "0" release it. Replies 1 if it was ours, 0 if not.
+KEEP_LEASE_SCRIPT = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if ARGV[2] == '0' then redis.call('DEL', KEYS[1]) else redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 1
+"""
+
 
 class StoreError(Exception):
     """The store cannot do what was asked; the message says what to check."""
@@ -67,6 +95,16 @@ class StoreError(Exception):
 
 class StoreUnavailable(StoreError):
     """Redis cannot be reached or refuses us (down, wrong URL, wrong credentials)."""
+
+
+class StoreUnreachable(StoreUnavailable):
+    """Nothing answered at the address (a server down, starting or loading, or a network fault):
+    worth waiting for, unlike refused credentials or a certificate that does not verify."""
+
+
+class HeadMismatch(StoreError):
+    """A job's head record and its stream disagree (damage or a hand edit); the message names both
+    and what the operator can do. Never worth retrying: nothing changes by waiting."""
 
 
 def acl_rules(role: str, job: str | None = None) -> str:
@@ -93,12 +131,6 @@ class AppendStatus(enum.Enum):
     TAKEN = "taken"  # other bytes hold that index: another writer won this slot
     STALE = "stale"  # the index is next, but prev_hash is not the head: built on an old head
     GAP = "gap"  # the index is beyond the next one
-
-
-@dataclass(frozen=True)
-class Head:
-    index: int
-    hash: bytes
 
 
 @dataclass(frozen=True)
@@ -159,7 +191,7 @@ def _translated(url: str) -> Iterator[None]:
                 "?ssl_ca_certs=/path/ca.pem in the rediss:// URL, and connect by a name or address the "
                 "certificate lists"
             ) from None
-        raise StoreUnavailable(
+        raise StoreUnreachable(
             f"cannot reach Redis at {where} ({exc}); check that the server is running and the URL "
             "(host and port, or socket path; rediss:// for TLS)"
         ) from None
@@ -174,6 +206,19 @@ def _translated(url: str) -> Iterator[None]:
         ) from None
 
 
+@dataclass(frozen=True)
+class LeaseState:
+    """A reply of `take_lease`: taken by us, or who holds the lease and for how long (-1: no expiry)."""
+
+    taken: bool
+    holder: str | None  # None: it lapsed just now
+    remaining_ms: int
+
+
+def _no_fence() -> None:
+    return None
+
+
 def _head_from_reply(index: object, head_hash: object) -> Head | None:
     number = int(index)  # type: ignore[call-overload]
     return None if number < 0 else Head(number, bytes(head_hash))  # type: ignore[arg-type]
@@ -186,6 +231,11 @@ class LedgerStore:
         self._client = client
         self._url = url
         self._append = client.register_script(APPEND_SCRIPT)
+        self._take_lease = client.register_script(TAKE_LEASE_SCRIPT)
+        self._keep_lease = client.register_script(KEEP_LEASE_SCRIPT)
+        # Called before every write to a job (append, open state): raises to refuse it (see `fenced`).
+        self._fence: Callable[[], None] = _no_fence
+        self._repair_head = client.register_script(REPAIR_HEAD_SCRIPT)
 
     @property
     def url(self) -> str:
@@ -205,6 +255,7 @@ class LedgerStore:
 
         Re-appending the same bytes at the same index answers DUPLICATE, so retries are safe.
         """
+        self._fence()
         header = entries.read_header(stored)
         job = entries.check_job_id(header.job_id)
         keys = [LEDGER_KEY.format(job=job), HEAD_KEY.format(job=job), OPEN_KEY.format(job=job)]
@@ -214,23 +265,67 @@ class LedgerStore:
         return AppendResult(AppendStatus(status.decode()), _head_from_reply(index, head_hash))
 
     def head(self, job_id: str) -> Head | None:
+        """The job's head record (None: no ledger); HeadMismatch if it is not one swarmtune wrote."""
+        job = entries.check_job_id(job_id)
         with _translated(self._url):
-            index, head_hash = self._client.hmget(HEAD_KEY.format(job=entries.check_job_id(job_id)), ["index", "hash"])
-        return None if index is None else Head(int(index), head_hash)
+            index, head_hash = self._client.hmget(HEAD_KEY.format(job=job), ["index", "hash"])
+        if index is None and head_hash is None:
+            return None
+        if index is None or head_hash is None or not index.isdigit():
+            raise HeadMismatch(f"the head record of job {job} is unreadable (index {index!r}); {head_advice(job)}")
+        return Head(int(index), head_hash)
 
     def read(self, job_id: str, start: int = 0, stop: int | None = None) -> Iterator[bytes]:
-        """Stored entries start..stop (inclusive; stop None: to the head), in batches."""
+        """Stored entries start..stop (inclusive; stop None: to the stream's end), in batches."""
         key = LEDGER_KEY.format(job=entries.check_job_id(job_id))
-        low = f"{start}-1"
         high = "+" if stop is None else f"{stop}-1"
+        yield from (stored for _, stored in self._entries(key, f"{start}-1", high))
+
+    def _entries(self, key: str, low: str, high: str) -> Iterator[tuple[str, bytes]]:
+        """(stream id, stored bytes) of the entries from `low` to `high` (XRANGE bounds), in batches."""
         while True:
             with _translated(self._url):
                 batch = self._client.xrange(key, low, high, count=READ_BATCH)
-            for _, values in batch:
-                yield values[ENTRY_FIELD]
+            for entry_id, values in batch:
+                yield entry_id.decode(), values[ENTRY_FIELD]
             if len(batch) < READ_BATCH:
                 return
             low = "(" + batch[-1][0].decode()
+
+    def read_to_end(self, job_id: str, check_head: bool = True) -> Iterator[bytes]:
+        """Every stored entry to the stream's end (never stopping at the head record), each checked to
+        have id `<index>-1`; then, with `check_head`, the head record checked against the last entry.
+        HeadMismatch names what disagrees and what to do. Entries appended while reading are read too:
+        an append moves stream and head at once, so a head beyond what was read means read on."""
+        job = entries.check_job_id(job_id)
+        key = LEDGER_KEY.format(job=job)
+        count, last, low = 0, None, "-"
+        while True:
+            before = count
+            for entry_id, stored in self._entries(key, low, "+"):
+                problem = id_problem(job, entry_id, count)
+                if problem:
+                    raise HeadMismatch(problem)
+                yield stored
+                count, last, low = count + 1, stored, "(" + entry_id
+            if not check_head:
+                return
+            head = self.head(job)
+            if head is not None and head.index >= count > before:
+                continue
+            problem = head_problem(job, head, count, last)
+            if problem:
+                raise HeadMismatch(f"{problem}; {head_advice(job)}")
+            return
+
+    def repair_head(self, job_id: str, index: int, head_hash: bytes) -> bool:
+        """Set the head record to entry `index` (its hash) iff that entry is the stream's last; False if
+        the stream moved. For `swarmtune ledger repair-head`, after verifying the whole stream."""
+        job = entries.check_job_id(job_id)
+        self._fence()
+        with _translated(self._url):
+            done = self._repair_head(keys=[LEDGER_KEY.format(job=job), HEAD_KEY.format(job=job)], args=[f"{index}-1", index, head_hash])
+        return bool(done)
 
     def jobs(self) -> list[str]:
         """Every job with at least one entry, sorted."""
@@ -255,12 +350,34 @@ class LedgerStore:
     def put_open(self, job_id: str, fields: Mapping[str | bytes, bytes]) -> None:
         """Set (add or overwrite) fields of the open-iteration state."""
         if fields:
+            self._fence()
             with _translated(self._url):
                 self._client.hset(OPEN_KEY.format(job=entries.check_job_id(job_id)), mapping=dict(fields))
 
     def delete_open(self, job_id: str) -> None:
+        self._fence()
         with _translated(self._url):
             self._client.delete(OPEN_KEY.format(job=entries.check_job_id(job_id)))
+
+    def fenced(self, check: Callable[[], None]) -> LedgerStore:
+        """This store (the same connections) with `check()` run before every write to a job: a
+        coordinator passes its lease's check, so it stops writing the moment it may not hold it."""
+        fenced = LedgerStore(self._client, self._url)
+        fenced._fence = check
+        return fenced
+
+    def take_lease(self, job_id: str, token: str, ttl_ms: int) -> LeaseState:
+        """Hold the job's lease for `ttl_ms` if nobody does; otherwise who does."""
+        key = LEASE_KEY.format(job=entries.check_job_id(job_id))
+        with _translated(self._url):
+            taken, holder, remaining = self._take_lease(keys=[key], args=[token, ttl_ms])
+        return LeaseState(bool(taken), holder.decode(errors="replace") if holder else None, int(remaining))
+
+    def keep_lease(self, job_id: str, token: str, ttl_ms: int) -> bool:
+        """Renew the lease for `ttl_ms` (0: release it) iff `token` still holds it; whether it did."""
+        key = LEASE_KEY.format(job=entries.check_job_id(job_id))
+        with _translated(self._url):
+            return bool(self._keep_lease(keys=[key], args=[token, ttl_ms]))
 
 
 def _check_tls_files(url: str) -> None:

@@ -9,6 +9,10 @@ import signal
 import sys
 
 INTERRUPTED = 130  # the shell's status for a Ctrl-C'd program (128 + SIGINT)
+# The Redis URL of commands given no ledger source: lets a container take the password from its
+# environment instead of its command line (docker/).
+REDIS_URL_ENV = "SWARMTUNE_REDIS_URL"
+OTHER_SOURCES = ("data_dir", "ledger", "coordinator")
 
 # Each entry: (subcommand module under swarmtune.cli, one-line help). Modules expose
 # `add_arguments(parser)` and `run(args) -> int`, and import heavy dependencies inside `run`
@@ -20,7 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("export_cmd", "write a Hugging Face model directory of a job at any iteration, replayed from its ledger"),
     "hash": ("hash_cmd", "print the canonical state hash of a model directory's genesis state"),
     "keygen": ("keygen_cmd", "create an Ed25519 key file for a worker or coordinator"),
-    "ledger": ("ledger_cmd", "export, import or verify a job's ledger file"),
+    "ledger": ("ledger_cmd", "export, import or verify a job's ledger file; repair its head record in Redis"),
     "plot": ("plot_cmd", "draw a job's reward and retention curves from its ledger (PNG)"),
     "replay": ("replay_cmd", "rebuild a job's model state from its base model and ledger file; print its hash"),
     "status": ("status_cmd", "show a job at a glance: progress, rewards, retention, workers (live from its coordinator or from Redis)"),
@@ -67,8 +71,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def source_required() -> bool:
+    """Whether a command must be told where its ledger is: not when $SWARMTUNE_REDIS_URL says it."""
+    return not os.environ.get(REDIS_URL_ENV)
+
+
+def redis_url_from_env(args: argparse.Namespace) -> None:
+    """`--redis-url` from $SWARMTUNE_REDIS_URL, for a command that takes one and was given no source."""
+    takes_url = hasattr(args, "redis_url") and args.redis_url is None
+    if takes_url and not any(getattr(args, name, None) for name in OTHER_SOURCES):
+        args.redis_url = os.environ.get(REDIS_URL_ENV) or None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    redis_url_from_env(args)
     try:
         return int(args._module.run(args) or 0)
     except CommandError as exc:

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
-from swarmtune.cli import CommandError
+from swarmtune.cli import CommandError, source_required
 
 if TYPE_CHECKING:
     from swarmtune.entries import Genesis, StoredEntry
@@ -16,9 +16,9 @@ if TYPE_CHECKING:
 
 
 def add_source_arguments(parser: argparse.ArgumentParser) -> None:
-    where = parser.add_mutually_exclusive_group(required=True)
+    where = parser.add_mutually_exclusive_group(required=source_required())
     where.add_argument("--ledger", type=Path, help="ledger file (from `swarmtune ledger export`)")
-    where.add_argument("--redis-url", help="Redis holding the ledger: redis://[user:password@]host:port/db, rediss://..., unix:///path")
+    where.add_argument("--redis-url", help="Redis holding the ledger: redis://[user:password@]host:port/db, rediss://..., unix:///path (default: $SWARMTUNE_REDIS_URL)")
     parser.add_argument("--job", help="job id in --redis-url (may be left out when the database holds one job)")
 
 

@@ -1,4 +1,4 @@
-"""`swarmtune ledger export|import|verify`: the portable ledger file and its audit."""
+"""`swarmtune ledger export|import|verify|repair-head`: the portable ledger file, its audit, and the head record's repair."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ def _add_store_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--redis-url",
         help="redis://[user:password@]host:port/db, rediss://... (TLS) or unix:///path; "
-        "default: the embedded server on --data-dir",
+        "default: $SWARMTUNE_REDIS_URL, else the embedded server on --data-dir",
     )
     parser.add_argument(
         "--data-dir", type=Path, help="embedded server data directory (default ~/.local/share/swarmtune/redis)"
@@ -38,26 +38,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     verify.add_argument("file", type=Path, help="ledger file to verify")
     verify.add_argument("--coordinator-key", help="expected coordinator public key (64 hex digits)")
     verify.add_argument("--json", action="store_true", help="print the report as JSON")
+    repair = sub.add_parser(
+        "repair-head",
+        help="rebuild a job's head record in Redis from its stream, once the whole stream verifies (stop its coordinator first)",
+    )
+    _add_store_arguments(repair)
+    repair.add_argument("--job", help="job id (may be left out when the database holds exactly one job)")
+    repair.add_argument("--coordinator-key", help="expected coordinator public key (64 hex digits); default: the key genesis names")
 
 
 def _export(args: argparse.Namespace) -> int:
     from swarmtune import ledgerfile
     from swarmtune.embedded_redis import open_store
+    from swarmtune.entries import entry_hash
     from swarmtune.store import redact
 
     if args.out.exists() and not args.force:
         raise CommandError(f"{args.out} exists; pass --force to overwrite it")
     with open_store(args.redis_url, args.data_dir) as store:
         job = args.job or store.only_job()
-        head = store.head(job)
-        if head is None:
+        # To the stream's end: a head record that disagrees with it fails the export (HeadMismatch).
+        stored = list(store.read_to_end(job))
+        if not stored:
             jobs = ", ".join(store.jobs()) or "none"
             raise CommandError(f"job {job!r} has no ledger in {redact(store.url)}; the jobs there: {jobs}")
-        try:
-            count = ledgerfile.write(args.out, store.read(job, 0, head.index))
-        except OSError as exc:
-            raise CommandError(f"cannot write {args.out}: {exc.strerror}; check that its directory exists") from None
-    print(f"exported {count} entries of job {job} to {args.out} (head {head.hash.hex()})")
+    try:
+        count = ledgerfile.write(args.out, stored)
+    except OSError as exc:
+        raise CommandError(f"cannot write {args.out}: {exc.strerror}; check that its directory exists") from None
+    print(f"exported {count} entries of job {job} to {args.out} (head {entry_hash(stored[-1]).hex()})")
     return 0
 
 
@@ -87,15 +96,56 @@ def _import(args: argparse.Namespace) -> int:
     return 0
 
 
+def _repair_head(args: argparse.Namespace) -> int:
+    """Set the head record to the stream's last entry, but only for a stream that verifies entirely."""
+    from swarmtune import ledger
+    from swarmtune.embedded_redis import open_store
+    from swarmtune.entries import entry_hash
+    from swarmtune.headcheck import Head, restore_advice
+    from swarmtune.store import HeadMismatch, redact
+
+    key = _coordinator_key(args.coordinator_key)
+    with open_store(args.redis_url, args.data_dir) as store:
+        job = args.job or store.only_job()
+        try:
+            stored = list(store.read_to_end(job, check_head=False))  # the stream ids are still checked
+        except HeadMismatch as exc:
+            raise CommandError(f"head not repaired: {exc}") from None
+        try:
+            before: Head | str | None = store.head(job)
+        except HeadMismatch:
+            before = "unreadable"
+        if not stored:
+            raise CommandError(f"job {job!r} has no stream in {redact(store.url)}: nothing to rebuild a head from; {restore_advice(job)}")
+        report = ledger.verify_chain(stored, key)
+        if report.problem:
+            raise CommandError(
+                f"head not repaired: the stream of job {job} does not verify ({report.problem.describe()}), so it cannot "
+                f"vouch for a head; {restore_advice(job)}"
+            )
+        head = Head(len(stored) - 1, entry_hash(stored[-1]))
+        now = f"entry {head.index} (hash {head.hash.hex()})"
+        if before == head:
+            print(f"the head record of job {job} already names the stream's last entry, {now}: nothing to repair")
+            return 0
+        if not store.repair_head(job, head.index, head.hash):
+            raise CommandError(f"the stream of job {job} grew while it was verified: stop every coordinator of the job, then run this again")
+    was = before if isinstance(before, str) else "missing" if before is None else f"entry {before.index} (hash {before.hash.hex()[:16]})"
+    print(f"repaired the head record of job {job}: was {was}, now {now}, the last of {len(stored)} verified entries")
+    return 0
+
+
+def _coordinator_key(text: str | None) -> bytes | None:
+    try:
+        return None if text is None else bytes.fromhex(text)
+    except ValueError:
+        raise CommandError("--coordinator-key must be hex (as printed by `swarmtune keygen`)") from None
+
+
 def _verify(args: argparse.Namespace) -> int:
     from swarmtune import ledgerfile
 
-    key = None
-    if args.coordinator_key:
-        try:
-            key = bytes.fromhex(args.coordinator_key)
-        except ValueError:
-            raise CommandError("--coordinator-key must be hex (as printed by `swarmtune keygen`)") from None
+    key = _coordinator_key(args.coordinator_key)
     try:
         report = ledgerfile.verify_file(args.file, key)
     except ledgerfile.LedgerFileError as exc:
@@ -118,7 +168,7 @@ def _describe(report: Report) -> str:
 def run(args: argparse.Namespace) -> int:
     from swarmtune.store import StoreError
 
-    action = {"export": _export, "import": _import, "verify": _verify}[args.ledger_command]
+    action = {"export": _export, "import": _import, "verify": _verify, "repair-head": _repair_head}[args.ledger_command]
     try:
         return action(args)
     except StoreError as exc:

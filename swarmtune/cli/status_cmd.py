@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Mapping
 
-from swarmtune.cli import CommandError
+from swarmtune.cli import CommandError, source_required
 
 if TYPE_CHECKING:
     from swarmtune.client.status import IterationSummary, JobStatus, WorkerSummary
@@ -19,9 +19,9 @@ CLEAR_SCREEN = "\x1b[H\x1b[2J"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    where = parser.add_mutually_exclusive_group(required=True)
+    where = parser.add_mutually_exclusive_group(required=source_required())
     where.add_argument("--coordinator", metavar="HOST:PORT", help="ask the coordinator (live: workers, rejects, timings)")
-    where.add_argument("--redis-url", help="read the job's ledger from Redis instead (redis://..., rediss://..., unix:///path)")
+    where.add_argument("--redis-url", help="read the job's ledger from Redis instead (redis://..., rediss://..., unix:///path; default: $SWARMTUNE_REDIS_URL)")
     parser.add_argument("--job", help="job id in --redis-url (may be left out when the database holds one job)")
     parser.add_argument("--tls-ca", type=Path, help="CA certificate (PEM) to verify the coordinator over TLS")
     parser.add_argument("--watch", action="store_true", help="refresh until the job finishes (Ctrl-C to stop)")

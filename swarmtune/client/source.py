@@ -46,10 +46,11 @@ def _read_redis(url: str, job: str | None) -> list[bytes]:
     try:
         with store.connect(url) as ledger_store:
             job_id = job or ledger_store.only_job()
-            head = ledger_store.head(job_id)
-            if head is None:
+            # The whole stream, checked against the head record: a head that disagrees is an error,
+            # never a shorter ledger that still verifies.
+            stored = list(ledger_store.read_to_end(job_id))
+            if not stored:
                 raise SourceError(f"job {job_id!r} has no ledger at {store.redact(url)}; leave out --job to list its jobs")
-            # Up to the head read now: entries appended meanwhile belong to the next look.
-            return list(ledger_store.read(job_id, 0, head.index))
+            return stored
     except (store.StoreError, ValueError) as exc:
         raise SourceError(str(exc)) from None

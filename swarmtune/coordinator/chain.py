@@ -39,13 +39,18 @@ class History:
     baselines: dict[str, float] = field(default_factory=dict)  # first value of each retention figure
     attested: dict[bytes, dict[int, bytes]] = field(default_factory=dict)  # key -> iteration -> signed bytes
     figures: deque[IterationFigures] = field(default_factory=lambda: deque(maxlen=RECENT_ITERATIONS))
+    # The heads the next iteration may be opened at (PROTOCOL §5.4): the last iteration entry (or
+    # genesis) and every entry since; a resumed iteration's head must be one of them.
+    open_heads: set[bytes] = field(default_factory=set)
 
     @classmethod
     def begin(cls, genesis_entry: StoredEntry, tolerance: float) -> History:
         """The history of a ledger that holds only its (verified) genesis."""
         genesis = genesis_entry.entry.body
         assert isinstance(genesis, Genesis)  # the walk checked it
-        return cls(genesis, genesis_entry.hash, genesis_entry, set(genesis.admitted_workers), set(), tolerance)
+        history = cls(genesis, genesis_entry.hash, genesis_entry, set(genesis.admitted_workers), set(), tolerance)
+        history.open_heads.add(genesis_entry.hash)
+        return history
 
     def strikes_with(self, verdicts: Iterable[Verdict]) -> Counter[bytes]:
         """The strike counts once these verdicts are recorded too (what a close's revocations go by)."""
@@ -56,6 +61,7 @@ class History:
         self.head = stored
         body = stored.entry.body
         if isinstance(body, Iteration):
+            self.open_heads.clear()
             self.last_iteration = body.iteration
             # Recorded results include the dissenting replicas of every standing member.
             self.strikes.update(strikes(verdicts_of(body.results, frozenset(), self.tolerance).values()))
@@ -75,6 +81,7 @@ class History:
         elif isinstance(body, Signed):
             record = body.record
             self.attested.setdefault(record.worker_key, {})[record.iteration] = entries.encode_signed(body)
+        self.open_heads.add(stored.hash)
 
 
 def recover(stored_entries: Iterable[bytes], coordinator_key: bytes, tolerance: float) -> History:
@@ -118,10 +125,12 @@ class Chain:
         stored = entries.seal(self._key, entry)
         result = self._store.append(stored, close_open=isinstance(body, Iteration))
         if not result.ok:
+            found = "none" if result.head is None else f"entry {result.head.index} (hash {result.head.hash.hex()[:16]})"
             raise ChainConflict(
-                f"appending entry {entry.index} of job {entry.job_id!r} found {result.status.value}: the ledger "
-                "moved under this coordinator (another coordinator of the job, or an append whose reply was "
-                "lost); make sure only one coordinator runs the job, then restart it: it resumes from the ledger"
+                f"appending entry {entry.index} of job {entry.job_id!r} found {result.status.value}: the head record "
+                f"in Redis names {found}, this coordinator's head is entry {self.head.entry.index} (hash {self.head.hash.hex()[:16]}). "
+                "Either another coordinator runs the job (run only one; restarted, this one resumes from the "
+                "ledger) or the head record was changed: a restart then refuses to start and says how to repair it"
             )
         # We built `entry` ourselves: only the envelope needs reading back, not every result in it.
         envelope = ledger_pb2.SignedEntry.FromString(stored)
@@ -134,8 +143,14 @@ def genesis_entry(key: Ed25519PrivateKey, job_id: str, genesis: Genesis) -> byte
     return entries.seal(key, entries.first_entry(job_id, genesis, now_ms()))
 
 
-def check_genesis(genesis: Genesis, job_spec: bytes, coordinator_key: bytes) -> str | None:
-    """Why an existing ledger is not this job's (None if it is)."""
+def check_genesis(stored: bytes, job_spec: bytes, coordinator_key: bytes) -> str | None:
+    """Why an existing ledger, whose first stored entry is `stored`, is not this job's (None if it is)."""
+    try:
+        genesis = entries.parse_entry(stored).entry.body
+    except entries.EntryError as exc:
+        return f"its first entry does not parse ({exc}); audit it (`swarmtune audit --redis-url`)"
+    if not isinstance(genesis, Genesis):
+        return "its first entry is not a genesis; audit it (`swarmtune audit --redis-url`)"
     if genesis.job_spec != job_spec:
         return "its genesis holds a different job spec; give this job a new [job] id, or use the original spec file"
     if genesis.coordinator_key != coordinator_key:

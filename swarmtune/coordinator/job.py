@@ -21,6 +21,7 @@ from swarmtune.coordinator.journal import Journal
 from swarmtune.coordinator.limits import Limits, Refused
 from swarmtune.coordinator.metrics import Metrics
 from swarmtune.coordinator.redundancy import revocation_reason, to_revoke
+from swarmtune.coordinator.resume import resume
 from swarmtune.coordinator.round import META_FIELD, Round
 from swarmtune.coordinator.scheduling import Scheduler
 from swarmtune.coordinator.sessions import Session
@@ -30,6 +31,7 @@ from swarmtune.entries import Body, Revocation, StoredEntry
 from swarmtune.jobspec import JobSpec
 from swarmtune.store import LedgerStore, StoreError
 from swarmtune.wire import service_pb2 as pb
+from swarmtune.eventwait import set_within
 
 log = logging.getLogger("swarmtune.coordinator")
 
@@ -92,21 +94,18 @@ class Job:
         return self._chain.history
 
     async def start(self) -> None:
-        """Resume the open iteration Redis holds, or open the next one (or finish)."""
+        """Resume the open iteration Redis holds (every item in it checked again), or open the next one (or finish)."""
         fields = await asyncio.to_thread(self._store.get_open, self.spec.job_id)
-        meta = fields.get(META_FIELD)
-        if meta is not None:
-            resumed = lifecycle.resume_iteration(self.spec, meta, now_ms())
-            if resumed.iteration == self.history.last_iteration + 1:
-                self._round = Round(resumed, self.spec.redundancy, self.spec.redundancy_tolerance)
-                taken = self._round.restore(fields)
-                self._round.retention_worker = next(iter(self._round.retention), None)
-                self._opened_once = True
-                self.metrics.iteration.set(resumed.iteration)
-                log.info("resumed iteration", extra={"iteration": resumed.iteration, "results": taken})
-                for key in self._broadcast.connected():  # workers that subscribed while we read Redis
-                    self._scheduler.greet(self._round, key)
-                return
+        self._round = resume(self.spec, fields, self.history, self._reward_range, now_ms())
+        if self._round is not None:
+            self._opened_once = True
+            self.metrics.iteration.set(self._round.open.iteration)
+            extra = {"iteration": self._round.open.iteration, "results": self._round.result_count(), "retention": len(self._round.retention)}
+            log.info("resumed iteration", extra=extra)
+            for key in self._broadcast.connected():  # workers that subscribed while we read Redis
+                self._scheduler.greet(self._round, key)
+            return
+        if fields:
             await asyncio.to_thread(self._store.delete_open, self.spec.job_id)
         await self._advance()
 
@@ -114,11 +113,7 @@ class Job:
         """Drive deadlines, straggler re-assignment and closes until the job is finished."""
         while not self.finished.is_set():
             self._wake.clear()
-            timeout = self._next_timer_s()
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout)
-            except asyncio.TimeoutError:
-                pass
+            await set_within(self._wake, self._next_timer_s())
             await self._tick()
 
     def _next_timer_s(self) -> float:

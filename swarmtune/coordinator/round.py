@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 from typing import Collection, Iterable, Mapping
 
-from swarmtune import entries
 from swarmtune.coordinator.lifecycle import OpenIteration
 from swarmtune.coordinator.redundancy import settled, wanted
 from swarmtune.entries import RetentionReport, Signed, WorkerResult
@@ -136,29 +135,3 @@ class Round:
 
     def load(self, key: bytes) -> int:
         return len(self.pending(key))
-
-    # ---- Redis fields ---------------------------------------------------------------------
-
-    def restore(self, fields: Mapping[bytes, bytes]) -> int:
-        """Re-accept results and reports a previous coordinator stored; returns how many were taken.
-
-        Fields that do not parse or belong elsewhere are ignored: they were never acknowledged.
-        """
-        taken = 0
-        for name, data in fields.items():
-            try:
-                if name.startswith(RESULT_PREFIX):
-                    signed = entries.decode_signed(WorkerResult, data)
-                    record = signed.record
-                    if record.iteration == self.open.iteration and record.head_hash == self.open.head_hash:
-                        self.accept(signed, data)
-                        self.give(record.worker_key, [record.member])
-                        taken += 1
-                elif name.startswith(RETENTION_PREFIX):
-                    report = entries.decode_signed(RetentionReport, data)
-                    if report.record.iteration == self.open.iteration:
-                        self.retention[report.record.worker_key] = (report, data)
-                        taken += 1
-            except entries.EntryError:
-                continue
-        return taken

@@ -1,4 +1,5 @@
-"""Coordinator startup: genesis (once) or recovery, the gRPC server with deliberate limits, shutdown."""
+"""Coordinator startup: Redis waited for, the job's lease held, genesis (once) or recovery, the gRPC server
+with deliberate limits, shutdown."""
 
 from __future__ import annotations
 
@@ -17,13 +18,15 @@ from swarmtune import entries, identity, ledger
 from swarmtune.coordinator.admissions import Admissions, by_operator
 from swarmtune.coordinator.chain import Chain, History, check_genesis, genesis_entry, recover
 from swarmtune.coordinator.job import Job
+from swarmtune.coordinator.lease import Lease, LeaseLost, LeaseTimings, holder_token, kept
 from swarmtune.coordinator.limits import Limits
 from swarmtune.coordinator.metrics import Metrics
 from swarmtune.coordinator.service import CoordinatorService, add_to_server
+from swarmtune.coordinator.waiting import RedisWait, wait_for_store
 from swarmtune.entries import Genesis
 from swarmtune.jobspec import JobSpec
 from swarmtune.shaping import SHAPING_VERSION
-from swarmtune.store import LedgerStore, redact
+from swarmtune.store import HeadMismatch, LedgerStore, redact
 
 log = logging.getLogger("swarmtune.coordinator")
 
@@ -34,6 +37,19 @@ MAX_RECEIVE_BYTES = 2 * 1024 * 1024
 MAX_SEND_BYTES = 128 * 1024 * 1024
 # One subscription per worker plus its unary calls; beyond this, calls queue instead of piling up.
 MAX_CONCURRENT_RPCS = 20_000
+# Calls that arrived but wait for the event loop to pick them up. gRPC's default sheds new calls at
+# random from 1,000 waiting on and all beyond 3,000, as CANCELLED before any handler sees them: a burst
+# of 3,000 joins got CANCELLED, not the RESOURCE_EXHAUSTED of the rate limit (PROTOCOL §6.1). As many
+# may wait as may run; only beyond that does gRPC itself turn calls away (CANCELLED; workers retry).
+MAX_PENDING_CALLS = MAX_CONCURRENT_RPCS
+# A worker whose link went half-open (no FIN, no RST: a NAT that lost its mapping) is dropped within
+# HALF_OPEN_BOUND_S: after KEEPALIVE_TIME_S without a byte from it we ping it, and a ping unanswered
+# for KEEPALIVE_TIMEOUT_S drops it.
+KEEPALIVE_TIME_S = 20
+KEEPALIVE_TIMEOUT_S = 10
+HALF_OPEN_BOUND_S = KEEPALIVE_TIME_S + KEEPALIVE_TIMEOUT_S
+# Idle workers ping every 5 s (worker/session.py); more than twice as often is a strike.
+MIN_PING_INTERVAL_S = 2
 SHUTDOWN_GRACE_S = 5.0
 FINAL_ATTESTATION_S = 15.0  # workers apply the last entry, then attest it
 
@@ -49,6 +65,7 @@ class ServerOptions:
     tls_key: Path | None = None
     tls_client_ca: Path | None = None  # with it, workers must present a certificate it signed (mTLS)
     metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
     serve_after: bool = False
     open_enrollment: bool = False
     admit: tuple[bytes, ...] = ()
@@ -60,14 +77,20 @@ def grpc_options() -> list[tuple[str, int]]:
     return [
         ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
         ("grpc.max_send_message_length", MAX_SEND_BYTES),
-        # Ping idle connections every 20 s: a worker that vanished behind a NAT is noticed within
-        # 30 s and its members re-assigned (straggler re-assignment covers the rest).
-        ("grpc.keepalive_time_ms", 20_000),
-        ("grpc.keepalive_timeout_ms", 10_000),
+        # A worker that vanished behind a NAT is noticed within HALF_OPEN_BOUND_S and its members
+        # re-assigned (straggler re-assignment covers the rest). gRPC waits for a ping's answer for
+        # the ping timeout (default 60 s), whatever the keepalive timeout says: both are set.
+        ("grpc.keepalive_time_ms", KEEPALIVE_TIME_S * 1000),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_S * 1000),
+        ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_S * 1000),
+        # Workers' pings are welcome on idle connections (a subscription between iterations) ...
         ("grpc.keepalive_permit_without_calls", 1),
-        # Workers may ping every 10 s; more often is abuse and gets the connection closed.
-        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        # ... at most every MIN_PING_INTERVAL_S; more often is abuse: 2 strikes close the connection.
+        ("grpc.http2.min_ping_interval_without_data_ms", MIN_PING_INTERVAL_S * 1000),
         ("grpc.http2.max_ping_strikes", 2),
+        # Equal soft and hard limits: no call is shed at random below the bound.
+        ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
+        ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS),
         # Never share the port with another process: a second coordinator must fail to bind.
         ("grpc.so_reuseport", 0),
     ]
@@ -98,20 +121,28 @@ def open_history(
     store: LedgerStore, spec: JobSpec, key: Ed25519PrivateKey, admitted: tuple[bytes, ...], make_genesis: Callable[[], Genesis]
 ) -> History:
     """Write genesis if the job has no ledger (the only time the model is loaded), then verify the chain."""
+    try:
+        return _verified_history(store, spec, key, make_genesis)
+    except HeadMismatch as exc:
+        raise ServerError(f"not starting: {exc}") from None
+
+
+def _verified_history(store: LedgerStore, spec: JobSpec, key: Ed25519PrivateKey, make_genesis: Callable[[], Genesis]) -> History:
     job_id, public = spec.job_id, identity.public_key_bytes(key)
-    if store.head(job_id) is None:
+    first = next(store.read(job_id, 0, 0), None)
+    if first is None and store.head(job_id) is None:
         result = store.append(genesis_entry(key, job_id, make_genesis()))
         if not result.ok:
             raise ServerError(f"another coordinator wrote job {job_id!r}'s genesis at the same time; run only one")
         log.info("genesis written", extra={"job": job_id})
-    else:
-        first = entries.parse_entry(next(iter(store.read(job_id, 0, 0))))
-        problem = "its first entry is not a genesis" if not isinstance(first.entry.body, Genesis) else None
-        problem = problem or check_genesis(first.entry.body, spec.spec_bytes, public)  # type: ignore[arg-type]
+    elif first is not None:
+        problem = check_genesis(first, spec.spec_bytes, public)
         if problem:
             raise ServerError(f"job {job_id!r} already has a ledger in {redact(store.url)}, but {problem}")
     try:
-        return recover(store.read(job_id), public, spec.redundancy_tolerance)
+        # To the stream's end, then the head record checked against it: a head that disagrees would
+        # let us start and then fail our first append (or append after a hidden entry).
+        return recover(store.read_to_end(job_id), public, spec.redundancy_tolerance)
     except ledger.LedgerError as exc:
         raise ServerError(f"the stored ledger of job {job_id!r} does not verify ({exc}); audit it before resuming") from None
 
@@ -174,37 +205,97 @@ async def start(
     await server.start()
     log.info("listening", extra={"job": spec.job_id, "host": options.listen.rsplit(":", 1)[0], "port": port, "tls": options.tls_cert is not None})
     if options.metrics_port is not None:
-        metrics.serve(options.metrics_port)
+        metrics.serve(options.metrics_port, options.metrics_host)
     return Running(server, port, job)
 
 
 async def serve(
-    spec: JobSpec, store: LedgerStore, key: Ed25519PrivateKey, history: History, reward_range: tuple[float, float], options: ServerOptions
+    spec: JobSpec,
+    store: LedgerStore,
+    key: Ed25519PrivateKey,
+    history: History,
+    reward_range: tuple[float, float],
+    options: ServerOptions,
+    stop: asyncio.Event,
+    lost: asyncio.Event | None = None,
 ) -> int:
-    """Run the job until its last iteration closes (then keep serving with `serve_after`) or a signal."""
+    """Run the job until its last iteration closes (then keep serving with `serve_after`), `stop` (a
+    signal) or `lost` (the job's lease: its ledger is no longer surely this coordinator's to write)."""
     running = await start(spec, store, key, history, reward_range, options)
+    lost = lost or asyncio.Event()
+    tasks: list[asyncio.Task[object]] = []
+    try:
+        await running.job.start()
+        runner = asyncio.create_task(running.job.run())
+        tasks = [runner, asyncio.create_task(stop.wait()), asyncio.create_task(lost.wait())]
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        if lost.is_set():
+            running.job.stop("this coordinator lost the job's lease; reconnect: the active coordinator serves the job")
+        elif runner.done():
+            if runner.exception() is not None:  # e.g. another coordinator appended, or a write was fenced
+                running.job.stop("the coordinator stopped on an error; reconnect to resume")
+            runner.result()  # ... and the run ends here with its error
+            await running.job.await_final_attestations(FINAL_ATTESTATION_S)
+            if options.serve_after and not stop.is_set():
+                log.info("job finished; serving the ledger and status until stopped (--serve-after)")
+                await asyncio.wait(tasks[1:], return_when=asyncio.FIRST_COMPLETED)
+        else:
+            log.info("stopping on signal; everything acknowledged is in the ledger store, restart to resume")
+            running.job.stop("the coordinator is stopping; reconnect to resume")
+    finally:
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await running.server.stop(SHUTDOWN_GRACE_S)
+    return 0
+
+
+@dataclass(frozen=True)
+class Startup:
+    """How a coordinator process reaches its store and claims its job."""
+
+    url: str
+    connect: Callable[[], LedgerStore]
+    redis_wait: RedisWait = RedisWait()
+    lease: LeaseTimings = LeaseTimings()
+
+
+def _stop_on_signals() -> asyncio.Event:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    try:
-        await running.job.start()
-        runner = asyncio.create_task(running.job.run())
-        stopping = asyncio.create_task(stop.wait())
-        await asyncio.wait({runner, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        if runner.done():
-            runner.result()  # a failed run (e.g. another coordinator appended) ends here with its error
-            await running.job.await_final_attestations(FINAL_ATTESTATION_S)
-            if options.serve_after and not stop.is_set():
-                log.info("job finished; serving the ledger and status until stopped (--serve-after)")
-                await stop.wait()
-        else:
-            log.info("stopping on signal; everything acknowledged is in the ledger store, restart to resume")
-            running.job.stop("the coordinator is stopping; reconnect to resume")
-        for task in (runner, stopping):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-    finally:
-        await running.server.stop(SHUTDOWN_GRACE_S)
-    return 0
+    return stop
+
+
+async def main(
+    spec: JobSpec,
+    key: Ed25519PrivateKey,
+    admitted: tuple[bytes, ...],
+    reward_range: tuple[float, float],
+    options: ServerOptions,
+    startup: Startup,
+) -> int:
+    """A coordinator process: wait for Redis, stand by until it holds the job's lease, then write genesis
+    or recover, and serve; every write is fenced by the lease (LeaseLost once it may not be ours)."""
+    stop = _stop_on_signals()
+    store = await wait_for_store(startup.connect, startup.url, startup.redis_wait, stop)
+    if store is None:
+        log.info("stopping on signal while waiting for Redis")
+        return 0
+    with store:
+        lease = Lease(store, spec.job_id, holder_token(options.listen), startup.lease)
+        if not await lease.acquire(stop):
+            log.info("stopping on signal while standing by", extra={"job": spec.job_id})
+            return 0
+        async with kept(lease):
+            fenced = store.fenced(lease.check)
+            try:
+                history = await asyncio.to_thread(open_history, fenced, spec, key, admitted, lambda: genesis_from_model(spec, key, admitted))
+                code = 0 if stop.is_set() else await serve(spec, fenced, key, history, reward_range, options, stop, lease.lost)
+            except LeaseLost:  # a write refused before the renewal noticed (e.g. after a pause)
+                lease.lose("a write found it not renewed in time")
+            if lease.lost.is_set():
+                raise LeaseLost(lease.describe_loss())
+            return code

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import AsyncIterator, Awaitable, Callable, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError, Message
 
 from swarmtune.coordinator.job import Job
 from swarmtune.coordinator.limits import Refused
@@ -13,6 +14,7 @@ from swarmtune.wire import service_pb2 as pb
 SERVICE = "swarmtune.v1.Coordinator"
 
 Reply = TypeVar("Reply")
+Request = TypeVar("Request", bound=Message)
 
 
 async def _abort(context: grpc.aio.ServicerContext, refused: Refused) -> None:
@@ -70,18 +72,52 @@ class CoordinatorService:
         return self._job.status()
 
 
+async def _decode(message: type[Request], raw: bytes, context: grpc.aio.ServicerContext) -> Request:
+    """The request parsed from its bytes; bytes that are no such message end the call INVALID_ARGUMENT."""
+    try:
+        return message.FromString(raw)
+    except DecodeError:
+        what = f"the request is not a valid {message.DESCRIPTOR.full_name}; build it from proto/service.proto"
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"INVALID_ARGUMENT: {what}")
+        raise  # abort raises; this line only satisfies the type checker
+
+
+def _unary_handler(
+    message: type[Request], method: Callable[[Request, grpc.aio.ServicerContext], Awaitable[Message]], reply: type[Message]
+) -> grpc.RpcMethodHandler:
+    """A unary handler that takes the raw request bytes (gRPC's own parsing failure would be UNKNOWN)."""
+
+    async def handle(raw: bytes, context: grpc.aio.ServicerContext) -> Message:
+        return await method(await _decode(message, raw, context), context)
+
+    return grpc.unary_unary_rpc_method_handler(handle, None, reply.SerializeToString)
+
+
+def _stream_handler(
+    message: type[Request], method: Callable[[Request, grpc.aio.ServicerContext], AsyncIterator[Any]], serialize: Callable[[Any], bytes]
+) -> grpc.RpcMethodHandler:
+    """A server-streaming handler that takes the raw request bytes, like `_unary_handler`."""
+
+    async def handle(raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async for reply in method(await _decode(message, raw, context), context):
+            yield reply
+
+    return grpc.unary_stream_rpc_method_handler(handle, None, serialize)
+
+
 def add_to_server(service: CoordinatorService, server: grpc.aio.Server) -> None:
-    """Register the service: like the generated `add_CoordinatorServicer_to_server`, except that
-    Subscribe's responses are already bytes, serialized once however many workers receive them."""
-    unary, stream = grpc.unary_unary_rpc_method_handler, grpc.unary_stream_rpc_method_handler
+    """Register the service: like the generated `add_CoordinatorServicer_to_server`, except that every
+    method parses its request itself (undecodable bytes: INVALID_ARGUMENT with a short message, not
+    UNKNOWN with protobuf's DecodeError text) and Subscribe's responses are already bytes, serialized
+    once however many workers receive them."""
     handlers = {
-        "GetChallenge": unary(service.GetChallenge, pb.ChallengeRequest.FromString, pb.Challenge.SerializeToString),
-        "Join": unary(service.Join, pb.JoinRequest.FromString, pb.JoinReply.SerializeToString),
-        "Subscribe": stream(service.Subscribe, pb.SubscribeRequest.FromString, bytes),
-        "SubmitResults": unary(service.SubmitResults, pb.SubmitRequest.FromString, pb.SubmitReply.SerializeToString),
-        "Attest": unary(service.Attest, pb.AttestRequest.FromString, pb.AttestReply.SerializeToString),
-        "FetchLedger": stream(service.FetchLedger, pb.FetchLedgerRequest.FromString, pb.LedgerEntry.SerializeToString),
-        "Status": unary(service.Status, pb.StatusRequest.FromString, pb.JobStatus.SerializeToString),
+        "GetChallenge": _unary_handler(pb.ChallengeRequest, service.GetChallenge, pb.Challenge),
+        "Join": _unary_handler(pb.JoinRequest, service.Join, pb.JoinReply),
+        "Subscribe": _stream_handler(pb.SubscribeRequest, service.Subscribe, bytes),
+        "SubmitResults": _unary_handler(pb.SubmitRequest, service.SubmitResults, pb.SubmitReply),
+        "Attest": _unary_handler(pb.AttestRequest, service.Attest, pb.AttestReply),
+        "FetchLedger": _stream_handler(pb.FetchLedgerRequest, service.FetchLedger, pb.LedgerEntry.SerializeToString),
+        "Status": _unary_handler(pb.StatusRequest, service.Status, pb.JobStatus),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     server.add_registered_method_handlers(SERVICE, handlers)

@@ -32,6 +32,7 @@ from swarmtune.worker.outbox import Outbox
 from swarmtune.worker.session import Connection, Joined, SessionLost, describe, open_channel
 from swarmtune.worker.site import LoadedModel, Site, load_base_model, open_site
 from swarmtune.worker.work import IterationWork, opened_from
+from swarmtune.eventwait import set_within
 
 T = TypeVar("T")
 
@@ -40,6 +41,8 @@ REFUSALS = frozenset({grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.FAILED_
 
 # Leaving (SIGTERM or the job's end): the member in progress may finish first (then the outbox drains).
 DRAIN_MEMBER_TIMEOUT_S = 30.0
+# A connection's helper tasks end this soon after they are cancelled (they only await cancellable things).
+HELPERS_EXIT_S = 5.0
 
 
 class Disconnected(Exception):
@@ -134,10 +137,7 @@ class Daemon:
         return 0
 
     async def pause(self, seconds: float) -> None:
-        try:
-            await asyncio.wait_for(self.stop.wait(), seconds)
-        except asyncio.TimeoutError:
-            pass
+        await set_within(self.stop, seconds)
 
     async def connect_once(self) -> bool:
         """One connection's life; True once there is nothing left to do (job finished or stopped)."""
@@ -256,7 +256,10 @@ class Daemon:
             call.cancel()
             for helper in helpers:
                 helper.cancel()
-            await asyncio.gather(*helpers, return_exceptions=True)
+            # Bounded: a helper that swallowed its cancel must not keep the disconnect unnoticed.
+            _, stuck = await asyncio.wait(helpers, timeout=HELPERS_EXIT_S)
+            if stuck:
+                self.log("helpers_stuck", helpers=sorted(str(task.get_coro()) for task in stuck))
 
     async def pump(self, call: grpc.aio.UnaryStreamCall, events: asyncio.Queue[Event]) -> None:
         try:

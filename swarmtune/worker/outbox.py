@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import random
 import time
@@ -18,6 +17,7 @@ from swarmtune.worker.backoff import Backoff
 from swarmtune.worker.logs import EventLog
 from swarmtune.worker.session import Connection, Joined, SessionLost, describe, retried
 from swarmtune.worker.work import IterationWork
+from swarmtune.eventwait import set_within
 
 SUBMIT_ATTEMPTS = 8
 SUBMIT_BATCH = 1024  # results per SubmitResults call
@@ -32,7 +32,12 @@ DRAIN_SEND_TIMEOUT_S = 3.0
 
 
 class Outbox:
-    """Sends the open iteration's untaken results and our attestations, oldest first, one flush at a time.
+    """Sends the open iteration's untaken results and our attestations, oldest first.
+
+    A call never waits for another's reply (gRPC multiplexes calls on the connection): on a wide-area
+    link each reply is a round trip, and the result that completes our share must go out at once,
+    not after the reply to an earlier partial submission or to an attestation. Results in flight are
+    not sent twice; attestations go one at a time, in order, beside the results.
 
     The results live in the daemon's `IterationWork` (it survives reconnects); `current_work` reads it.
     """
@@ -47,7 +52,11 @@ class Outbox:
         self.rng = rng
         self.attestations: list[Signed[Attestation]] = []
         self.outgoing = asyncio.Event()  # new results or attestations to send
-        self.sending = asyncio.Lock()  # one flush at a time: each sends the oldest items first
+        self.in_flight: set[tuple[int, int]] = set()  # (iteration, member) of results sent and not answered
+        self.retention_in_flight: set[int] = set()  # iterations whose retention report is out
+        self.attesting = asyncio.Lock()  # attestations one at a time, in order
+        self.calls: set[asyncio.Task[None]] = set()  # flushes started by send_forever, not done yet
+        self.failure: BaseException | None = None  # the first of them that failed: ends the connection
 
     def notify(self) -> None:
         """Something new to send (a result, a retention report, a fresh assignment to resend for)."""
@@ -58,17 +67,40 @@ class Outbox:
         self.notify()
 
     async def send_forever(self, connection: Connection, joined: Joined) -> None:
-        """Flush on every notice; while more of our share is coming, at most once per PARTIAL_SUBMIT_INTERVAL_S."""
+        """Flush on every notice; while more of our share is coming, at most once per PARTIAL_SUBMIT_INTERVAL_S.
+        Each flush is a task of its own; the first that fails ends this (and the connection)."""
+        self.reset()
         sent = -math.inf
-        while True:
-            await self.outgoing.wait()
-            self.outgoing.clear()
-            while self.more_coming() and (wait := sent + PARTIAL_SUBMIT_INTERVAL_S - time.monotonic()) > 0:
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self.outgoing.wait(), wait)
+        try:
+            while True:
+                await self.outgoing.wait()
                 self.outgoing.clear()
-            sent = time.monotonic()
-            await self.flush(connection, joined)
+                while self.more_coming() and (wait := sent + PARTIAL_SUBMIT_INTERVAL_S - time.monotonic()) > 0:
+                    await set_within(self.outgoing, wait)
+                    self.outgoing.clear()
+                if self.failure is not None:
+                    raise self.failure
+                sent = time.monotonic()
+                call = asyncio.create_task(self.flush(connection, joined))
+                self.calls.add(call)
+                call.add_done_callback(self._done)
+        finally:
+            self.reset()
+
+    def _done(self, call: asyncio.Task[None]) -> None:
+        self.calls.discard(call)
+        if not call.cancelled() and call.exception() is not None and self.failure is None:
+            self.failure = call.exception()
+            self.outgoing.set()  # wake send_forever to raise it
+
+    def reset(self) -> None:
+        """A new connection: calls of the old one are abandoned (what they carried is sent again)."""
+        for call in list(self.calls):
+            call.cancel()
+        self.calls.clear()
+        self.in_flight.clear()
+        self.retention_in_flight.clear()
+        self.failure = None
 
     def more_coming(self) -> bool:
         """Members (or a retention report) of ours are still being evaluated this iteration."""
@@ -77,14 +109,35 @@ class Outbox:
 
     async def flush(self, connection: Connection, joined: Joined, attempts: int = SUBMIT_ATTEMPTS) -> None:
         """Send every result, retention report and attestation the coordinator has not taken yet."""
-        async with self.sending:
-            work = self.current_work()
-            if work is not None:
-                await self.send_results(connection, joined, work, attempts)
-            await self.send_attestations(connection, joined, attempts)
+        work = self.current_work()
+        sending = [self.send_results(connection, joined, work, attempts)] if work is not None else []
+        if self.attestations and not self.attesting.locked():
+            sending.append(self.send_attestations(connection, joined, attempts))
+        for outcome in await asyncio.gather(*sending, return_exceptions=True):
+            if isinstance(outcome, BaseException):
+                raise outcome
 
     async def send_results(self, connection: Connection, joined: Joined, work: IterationWork, attempts: int) -> None:
         members, results, retention = work.untaken()
+        keep = [i for i, m in enumerate(members) if (work.iteration, m) not in self.in_flight]
+        members, results = [members[i] for i in keep], [results[i] for i in keep]
+        retention = [] if work.iteration in self.retention_in_flight else retention
+        if not members and not retention:
+            return
+        mine = {(work.iteration, m) for m in members}
+        self.in_flight |= mine
+        if retention:
+            self.retention_in_flight.add(work.iteration)
+        try:
+            await self._send_results(connection, joined, work, attempts, members, results, retention)
+        finally:  # answered: settled or rejected for good; failed: untaken still, sent again
+            self.in_flight -= mine
+            if retention:
+                self.retention_in_flight.discard(work.iteration)
+
+    async def _send_results(
+        self, connection: Connection, joined: Joined, work: IterationWork, attempts: int, members: list[int], results: list[bytes], retention: list[bytes]
+    ) -> None:
         # Batches of SUBMIT_BATCH: a big low-rank population stays under the coordinator's per-call limit.
         for start in range(0, max(len(results), len(retention)), SUBMIT_BATCH):
             batch, sent = results[start : start + SUBMIT_BATCH], retention if start == 0 else []
@@ -95,16 +148,25 @@ class Outbox:
             self.log("submitted", iteration=work.iteration, results=len(batch), retention=len(sent))
 
     async def send_attestations(self, connection: Connection, joined: Joined, attempts: int) -> None:
-        while self.attestations:
-            signed = self.attestations[0]
-            body = entries.encode_signed(signed)
-            reply = await retried(lambda: connection.attest(joined, body), self.backoff, self.rng, attempts)
-            self.attestations.pop(0)
-            self.log("attested", iteration=signed.record.iteration, status=pb.Reason.Name(reply.status.reason))
+        async with self.attesting:
+            while self.attestations:
+                signed = self.attestations[0]
+                body = entries.encode_signed(signed)
+                reply = await retried(lambda: connection.attest(joined, body), self.backoff, self.rng, attempts)
+                self.attestations.pop(0)
+                self.log("attested", iteration=signed.record.iteration, status=pb.Reason.Name(reply.status.reason))
+        if self.attestations:  # one came while the last call was out, and its flush left it to us
+            self.notify()
 
     async def drain(self, connection: Connection, joined: Joined) -> None:
         """Before leaving: send what is still unsent, briefly (the coordinator may be gone)."""
         try:
-            await asyncio.wait_for(self.flush(connection, joined, DRAIN_ATTEMPTS), DRAIN_SEND_TIMEOUT_S)
+            async with asyncio.timeout(DRAIN_SEND_TIMEOUT_S):
+                if self.calls:  # what is in flight first: its results are not sent twice
+                    await asyncio.wait(set(self.calls))
+                if self.attesting.locked():
+                    async with self.attesting:
+                        pass
+                await self.flush(connection, joined, DRAIN_ATTEMPTS)
         except (asyncio.TimeoutError, grpc.aio.AioRpcError, SessionLost) as exc:
             self.log("unsent_at_exit", reason=describe(exc))

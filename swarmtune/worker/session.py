@@ -21,21 +21,40 @@ T = TypeVar("T")
 # Ledger entries of a large population are big; results and attestations are small.
 MAX_RECEIVE_BYTES = 64 << 20
 MAX_SEND_BYTES = 4 << 20
-# Pings keep NAT mappings alive and reveal a vanished coordinator on an idle stream.
+# A half-open connection (a NAT or proxy that stopped forwarding without closing) is noticed within
+# HALF_OPEN_BOUND_S (PROTOCOL §6.1): after KEEPALIVE_TIME_S without a byte from the coordinator we
+# ping it; a ping unanswered for KEEPALIVE_TIMEOUT_S closes the connection and fails its calls.
+KEEPALIVE_TIME_S = 5
+KEEPALIVE_TIMEOUT_S = 10
+HALF_OPEN_BOUND_S = KEEPALIVE_TIME_S + KEEPALIVE_TIMEOUT_S
 CHANNEL_OPTIONS = (
     ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
     ("grpc.max_send_message_length", MAX_SEND_BYTES),
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_time_ms", KEEPALIVE_TIME_S * 1000),
+    # gRPC waits for a ping's answer for the ping timeout (default 60 s: a stalled link took a minute
+    # to notice), whatever the keepalive timeout says; both are set. Not much shorter: on a slow link
+    # the answer queues behind the announcement bytes already on their way to us.
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_S * 1000),
+    ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_S * 1000),
+    # Ping an idle connection too (a subscription that carries nothing between iterations), and with
+    # no limit on pings while we send nothing (gRPC's default stops after 2).
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
     # Reconnection is ours (with jitter); the channel's own retry policy would hide failures from us.
     ("grpc.enable_retries", 0),
 )
+# A unary call on a live connection whose coordinator does not answer (a dead link ends sooner).
 CALL_TIMEOUT_S = 30.0
-# Transient failures: the call may succeed if made again a little later.
+# Transient failures: the call may succeed if made again a little later. CANCELLED comes from the
+# coordinator's gRPC shedding calls beyond its backlog (PROTOCOL §6.1), or from its stopping.
 RETRYABLE = frozenset(
-    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED}
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.CANCELLED,
+    }
 )
 
 

@@ -1,17 +1,23 @@
-"""A loopback TCP proxy for fault tests: cuts every connection on demand, holds new ones behind a gate."""
+"""A loopback TCP proxy for fault tests: cuts or stalls every connection on demand, holds new ones behind a gate."""
 
 from __future__ import annotations
 
 import select
 import socket
 import threading
+import time
 
 CHUNK = 65536
+POLL_S = 0.5
+STALL_POLL_S = 0.05  # a stalled connection checks this often whether it was cut
 
 
 class TcpProxy:
-    """Forwards 127.0.0.1:port to an upstream port; `cut()` drops every current connection at once.
+    """Forwards 127.0.0.1:port to an upstream port.
 
+    `cut()` drops every current connection at once (both ends see it end). `stall()` is a NAT that lost
+    its mappings: the current connections stay open at both ends, but no byte moves either way any
+    more, and nothing tells either end; connections made afterwards are forwarded as usual.
     With `gated=True`, accepted connections wait until `open_gate()` before reaching the upstream:
     clients that connect at different times all get through at the same moment.
     """
@@ -22,6 +28,7 @@ class TcpProxy:
         self.port: int = self._listener.getsockname()[1]
         self._lock = threading.Lock()
         self._pairs: list[tuple[socket.socket, socket.socket]] = []
+        self._stalled: set[tuple[socket.socket, socket.socket]] = set()
         self._gate = threading.Event()
         if not gated:
             self._gate.set()
@@ -53,8 +60,16 @@ class TcpProxy:
         peers = {a: b, b: a}
         try:
             while True:
-                readable, _, _ = select.select(list(peers), [], [], 0.5)
+                if self._is_stalled((a, b)):
+                    # Read nothing, write nothing: the kernel buffers fill and both ends wait.
+                    time.sleep(STALL_POLL_S)
+                    if a.fileno() < 0:
+                        return  # cut or closed
+                    continue
+                readable, _, _ = select.select(list(peers), [], [], POLL_S)
                 for sock in readable:
+                    if self._is_stalled((a, b)):
+                        break  # stalled while we waited: not one more byte
                     data = sock.recv(CHUNK)
                     if not data:
                         return
@@ -64,16 +79,27 @@ class TcpProxy:
         finally:
             self._drop(a, b)
 
+    def _is_stalled(self, pair: tuple[socket.socket, socket.socket]) -> bool:
+        with self._lock:
+            return pair in self._stalled
+
     def _drop(self, a: socket.socket, b: socket.socket) -> None:
         with self._lock:
             if (a, b) in self._pairs:
                 self._pairs.remove((a, b))
+            self._stalled.discard((a, b))
         for sock in (a, b):
             try:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
             sock.close()
+
+    def stall(self) -> int:
+        """Stop forwarding on every open connection, keeping both ends open; returns how many."""
+        with self._lock:
+            self._stalled.update(self._pairs)
+            return len(self._pairs)
 
     def cut(self) -> int:
         """Drop every open connection (both ends see the TCP connection end); returns how many."""
