@@ -29,15 +29,27 @@ class MasterState:
         return MasterState(self.specs, tuple(t.to(device) for t in self.q))
 
 
+def parameter_aliases(model: nn.Module) -> dict[str, tuple[str, ...]]:
+    """Canonical name of each floating-point parameter -> all its names, in module order (a tie's
+    source, the module that registered it, first)."""
+    return {name: names for name, names, _ in _canonical(model)}
+
+
 def canonical_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """Floating-point parameters, tied ones once under their smallest name, sorted by UTF-8 name."""
+    return [(name, param) for name, _, param in _canonical(model)]
+
+
+def _canonical(model: nn.Module) -> list[tuple[str, tuple[str, ...], nn.Parameter]]:
     names_by_param: dict[int, list[str]] = {}
     param_by_id: dict[int, nn.Parameter] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         if param.is_floating_point():
             names_by_param.setdefault(id(param), []).append(name)
             param_by_id[id(param)] = param
-    canonical = [(min(names, key=str.encode), param_by_id[pid]) for pid, names in names_by_param.items()]
+    canonical = [
+        (min(names, key=str.encode), tuple(names), param_by_id[pid]) for pid, names in names_by_param.items()
+    ]
     return sorted(canonical, key=lambda item: item[0].encode())
 
 
@@ -70,15 +82,19 @@ def master_from_model(model: nn.Module, plan: dict[str, str]) -> MasterState:
     """Genesis state: each tensor's exponent from its largest magnitude, Q by round-half-even."""
     specs, tensors = [], []
     for name, param in canonical_parameters(model):
-        treatment = plan[name]
-        if treatment not in TREATMENTS:
-            raise ValueError(f"unknown treatment {treatment!r} for {name}")
-        if treatment == "lowrank" and param.dim() != 2:
-            raise ValueError(f"{name} has {param.dim()} dimensions; low-rank needs a matrix")
         exponent = choose_exponent(param)
-        specs.append(TensorSpec(name, tuple(param.shape), exponent, treatment))
+        specs.append(tensor_spec(name, tuple(param.shape), exponent, plan[name]))
         tensors.append(to_fixed(param.detach().cpu(), exponent))
     return MasterState(tuple(specs), tuple(tensors))
+
+
+def tensor_spec(name: str, shape: tuple[int, ...], exponent: int, treatment: str) -> TensorSpec:
+    """One tensor's plan entry, its treatment checked against its shape."""
+    if treatment not in TREATMENTS:
+        raise ValueError(f"unknown treatment {treatment!r} for {name}")
+    if treatment == "lowrank" and len(shape) != 2:
+        raise ValueError(f"{name} has {len(shape)} dimensions; low-rank needs a matrix")
+    return TensorSpec(name, shape, exponent, treatment)
 
 
 def write_weights(model: nn.Module, state: MasterState) -> None:
@@ -91,14 +107,34 @@ def write_weights(model: nn.Module, state: MasterState) -> None:
 
 def state_hash(state: MasterState) -> bytes:
     """SHA-256 over the canonical serialization (PROTOCOL §2.4)."""
+    digest = state_digest(len(state.specs))
+    for spec, q in zip(state.specs, state.q):
+        digest.update(tensor_header(spec))
+        digest.update(q_bytes(q))
+    return digest.digest()
+
+
+def state_digest(tensor_count: int) -> "hashlib._Hash":
+    """The state hash's SHA-256 after its header; feed each tensor's header then its Q bytes."""
     digest = hashlib.sha256()
     digest.update(b"swarmtune/state/v1\x00")
-    digest.update(struct.pack("<I", len(state.specs)))
-    for spec, q in zip(state.specs, state.q):
-        name = spec.name.encode()
-        digest.update(struct.pack("<I", len(name)) + name)
-        digest.update(struct.pack("<I", len(spec.shape)))
-        digest.update(b"".join(struct.pack("<Q", dim) for dim in spec.shape))
-        digest.update(struct.pack("<i", spec.exponent))
-        digest.update(q.detach().cpu().contiguous().numpy().astype("<i8", copy=False).data)
-    return digest.digest()
+    digest.update(struct.pack("<I", tensor_count))
+    return digest
+
+
+def tensor_header(spec: TensorSpec) -> bytes:
+    """name, shape and exponent of one tensor as the state hash serializes them."""
+    name = spec.name.encode()
+    return b"".join(
+        [
+            struct.pack("<I", len(name)) + name,
+            struct.pack("<I", len(spec.shape)),
+            b"".join(struct.pack("<Q", dim) for dim in spec.shape),
+            struct.pack("<i", spec.exponent),
+        ]
+    )
+
+
+def q_bytes(q: torch.Tensor) -> memoryview:
+    """Q (whole or any row-major run of it) as little-endian int64 bytes."""
+    return q.detach().cpu().contiguous().numpy().astype("<i8", copy=False).data

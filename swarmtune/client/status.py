@@ -201,19 +201,13 @@ def _summary_message(message: Any, job: JobSpec) -> IterationSummary:
     )
 
 
+# WorkerSummary's fields that the coordinator's WorkerStatus message carries under the same names.
+_LIVE_WORKER_FIELDS = ("worker_id", "accepted", "revoked", "operator_id", "capacity", "connected", "rejected", "results_per_s", "strikes")
+
+
 def _worker_message(message: Any) -> WorkerSummary:
-    return WorkerSummary(
-        worker_id=message.worker_id,
-        accepted=message.accepted,
-        revoked=message.revoked,
-        operator_id=message.operator_id,
-        capacity=message.capacity,
-        connected=message.connected,
-        rejected=message.rejected,
-        results_per_s=message.results_per_s,
-        strikes=message.strikes,
-        rejects=MappingProxyType(dict(message.rejects)),
-    )
+    live = {name: getattr(message, name) for name in _LIVE_WORKER_FIELDS}
+    return WorkerSummary(**live, rejects=MappingProxyType(dict(message.rejects)))
 
 
 def status_from_message(message: Any, job: JobSpec) -> JobStatus:

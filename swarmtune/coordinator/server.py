@@ -24,6 +24,7 @@ from swarmtune.coordinator.metrics import Metrics
 from swarmtune.coordinator.service import CoordinatorService, add_to_server
 from swarmtune.coordinator.waiting import RedisWait, wait_for_store
 from swarmtune.entries import Genesis
+from swarmtune.grpcoptions import GrpcOptions, connection_options
 from swarmtune.jobspec import JobSpec
 from swarmtune.shaping import SHAPING_VERSION
 from swarmtune.store import HeadMismatch, LedgerStore, redact
@@ -73,18 +74,11 @@ class ServerOptions:
     min_workers: int = 1  # connected workers before the first iteration opens
 
 
-def grpc_options() -> list[tuple[str, int]]:
-    return [
-        ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
-        ("grpc.max_send_message_length", MAX_SEND_BYTES),
-        # A worker that vanished behind a NAT is noticed within HALF_OPEN_BOUND_S and its members
-        # re-assigned (straggler re-assignment covers the rest). gRPC waits for a ping's answer for
-        # the ping timeout (default 60 s), whatever the keepalive timeout says: both are set.
-        ("grpc.keepalive_time_ms", KEEPALIVE_TIME_S * 1000),
-        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_S * 1000),
-        ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_S * 1000),
-        # Workers' pings are welcome on idle connections (a subscription between iterations) ...
-        ("grpc.keepalive_permit_without_calls", 1),
+def grpc_options() -> GrpcOptions:
+    # A worker that vanished behind a NAT is noticed within HALF_OPEN_BOUND_S and its members
+    # re-assigned (straggler re-assignment covers the rest); workers' pings are welcome on idle
+    # connections...
+    return connection_options(MAX_RECEIVE_BYTES, MAX_SEND_BYTES, KEEPALIVE_TIME_S, KEEPALIVE_TIMEOUT_S) + [
         # ... at most every MIN_PING_INTERVAL_S; more often is abuse: 2 strikes close the connection.
         ("grpc.http2.min_ping_interval_without_data_ms", MIN_PING_INTERVAL_S * 1000),
         ("grpc.http2.max_ping_strikes", 2),
@@ -97,22 +91,21 @@ def grpc_options() -> list[tuple[str, int]]:
 
 
 def genesis_from_model(spec: JobSpec, key: Ed25519PrivateKey, admitted: tuple[bytes, ...]) -> Genesis:
-    """Genesis of a new job: the base model's master state hash and tensor plan, the spec bytes, our key."""
-    from swarmtune.models import load_model, resolve_model
+    """Genesis of a new job: the base model's master state hash and tensor plan (streamed from its files,
+    never the whole model in memory), the spec bytes, our key."""
+    from swarmtune.models import resolve_model
     from swarmtune.noise import NOISE_VERSION
-    from swarmtune.replay import genesis_plan
-    from swarmtune.state import build_plan, master_from_model, state_hash
+    from swarmtune.statefiles import genesis_base_state
 
-    model, _ = load_model(resolve_model(spec.model))
-    state = master_from_model(model, build_plan(model, spec.noise_family, spec.lowrank_others))
+    base = genesis_base_state(resolve_model(spec.model), spec.noise_family, spec.lowrank_others)
     return entries.new_genesis(
         spec.spec_bytes,
-        state_hash(state),
+        base.state_hash,
         identity.public_key_bytes(key),
         protocol_version=PROTOCOL_VERSION,
         noise_version=NOISE_VERSION,
         shaping_version=SHAPING_VERSION,
-        tensor_plan=genesis_plan(state),
+        tensor_plan=base.plan,
         admitted_workers=admitted,
     )
 
@@ -120,7 +113,7 @@ def genesis_from_model(spec: JobSpec, key: Ed25519PrivateKey, admitted: tuple[by
 def open_history(
     store: LedgerStore, spec: JobSpec, key: Ed25519PrivateKey, admitted: tuple[bytes, ...], make_genesis: Callable[[], Genesis]
 ) -> History:
-    """Write genesis if the job has no ledger (the only time the model is loaded), then verify the chain."""
+    """Write genesis if the job has no ledger (the only time the model's files are read), then verify the chain."""
     try:
         return _verified_history(store, spec, key, make_genesis)
     except HeadMismatch as exc:

@@ -11,6 +11,7 @@ from typing import AsyncIterator, Awaitable, Callable, TypeVar
 import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from swarmtune.grpcoptions import connection_options
 from swarmtune.join import join_request
 from swarmtune.wire import service_pb2 as pb
 from swarmtune.wire import service_pb2_grpc as rpc
@@ -28,17 +29,10 @@ KEEPALIVE_TIME_S = 5
 KEEPALIVE_TIMEOUT_S = 10
 HALF_OPEN_BOUND_S = KEEPALIVE_TIME_S + KEEPALIVE_TIMEOUT_S
 CHANNEL_OPTIONS = (
-    ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
-    ("grpc.max_send_message_length", MAX_SEND_BYTES),
-    ("grpc.keepalive_time_ms", KEEPALIVE_TIME_S * 1000),
-    # gRPC waits for a ping's answer for the ping timeout (default 60 s: a stalled link took a minute
-    # to notice), whatever the keepalive timeout says; both are set. Not much shorter: on a slow link
-    # the answer queues behind the announcement bytes already on their way to us.
-    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_S * 1000),
-    ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_S * 1000),
-    # Ping an idle connection too (a subscription that carries nothing between iterations), and with
-    # no limit on pings while we send nothing (gRPC's default stops after 2).
-    ("grpc.keepalive_permit_without_calls", 1),
+    # Not a much shorter timeout: on a slow link the ping's answer queues behind the announcement
+    # bytes already on their way to us.
+    *connection_options(MAX_RECEIVE_BYTES, MAX_SEND_BYTES, KEEPALIVE_TIME_S, KEEPALIVE_TIMEOUT_S),
+    # No limit on pings while we send nothing (gRPC's default stops after 2).
     ("grpc.http2.max_pings_without_data", 0),
     # Reconnection is ours (with jitter); the channel's own retry policy would hide failures from us.
     ("grpc.enable_retries", 0),
