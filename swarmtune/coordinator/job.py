@@ -178,22 +178,42 @@ class Job:
     def _finish(self, reason: str) -> None:
         finished = pb.JobFinished(last_iteration=self.history.last_iteration, head_index=self._chain.head.entry.index, reason=reason)
         self._broadcast.publish(announce(pb.Announcement(finished=finished)))
-        self._broadcast.publish(End(f"job finished: {reason}"))
+        # A worker that owes the final attestation keeps its stream: while it is subscribed it is still
+        # applying, hashing or sending (its link is watched by keepalive), and await_final_attestations
+        # waits for it; it closes the stream itself once it has drained.
+        owing = self._owing_final()
+        for key in self._broadcast.connected():
+            if key not in owing:
+                self._broadcast.send(key, End(f"job finished: {reason}"))
         self.finished.set()
         log.info("job finished", extra={"iteration": self.history.last_iteration, "reason": reason})
 
-    async def await_final_attestations(self, timeout_s: float) -> None:
-        """After the last close, give the workers of that iteration a moment to attest their final
-        state (workers attest after the last iteration); stops early once all of them have."""
+    def _owing_final(self) -> set[bytes]:
+        """Workers whose results the last iteration entry recorded and whose attestation of it is not in yet."""
         last = self.history.last_iteration
         if not self.spec.attestation_due(last):
-            return
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if all(last in self.history.attested.get(key, {}) for key in self._recorded):
-                return
+            return set()
+        return {key for key in self._recorded if last not in self.history.attested.get(key, {})}
+
+    async def await_final_attestations(self, grace_s: float, max_s: float) -> None:
+        """After the last close, wait for the final attestations (PROTOCOL §6.3): until every worker of the
+        last iteration has attested, or — after `grace_s`, in which one that dropped may reconnect — none of
+        those missing is still subscribed (they drained and left), or `max_s` passed. The wait thus scales
+        with what the workers do (apply the last entry, hash their state: seconds at 0.5B), not with a guess."""
+        started = time.monotonic()
+        while owing := self._owing_final():
+            waited = time.monotonic() - started
+            still_draining = owing & set(self._broadcast.connected())
+            if waited >= max_s or (waited >= grace_s and not still_draining):
+                why = "timed out" if still_draining else "the workers left without attesting"
+                who = sorted(identity.fingerprint(key) for key in owing)
+                log.warning(
+                    "final attestations incomplete",
+                    extra={"iteration": self.history.last_iteration, "missing": who, "reason": why, "waited_s": round(waited, 1)},
+                )
+                break
             await asyncio.sleep(0.1)
-        log.warning("final attestations incomplete", extra={"iteration": last, "timeout_s": timeout_s})
+        self._broadcast.publish(End("job finished"))
 
     def stop(self, reason: str) -> None:
         """End every subscription (the process is going away; workers reconnect to its successor)."""

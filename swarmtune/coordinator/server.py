@@ -52,7 +52,12 @@ HALF_OPEN_BOUND_S = KEEPALIVE_TIME_S + KEEPALIVE_TIMEOUT_S
 # Idle workers ping every 5 s (worker/session.py); more than twice as often is a strike.
 MIN_PING_INTERVAL_S = 2
 SHUTDOWN_GRACE_S = 5.0
-FINAL_ATTESTATION_S = 15.0  # workers apply the last entry, then attest it
+# After the last close the workers of that iteration apply it, hash their state and attest (seconds to
+# minutes with the model's size). The coordinator waits while they are subscribed (PROTOCOL §6.3): for
+# FINAL_ATTESTATION_GRACE_S in any case (a worker that dropped may reconnect), at most FINAL_ATTESTATION_MAX_S
+# (a worker that stays subscribed and never attests; hashing an 8B state takes ~1-2 min on one core).
+FINAL_ATTESTATION_GRACE_S = 15.0
+FINAL_ATTESTATION_MAX_S = 600.0
 
 
 class ServerError(Exception):
@@ -228,10 +233,14 @@ async def serve(
             if runner.exception() is not None:  # e.g. another coordinator appended, or a write was fenced
                 running.job.stop("the coordinator stopped on an error; reconnect to resume")
             runner.result()  # ... and the run ends here with its error
-            await running.job.await_final_attestations(FINAL_ATTESTATION_S)
+            waiting = running.job.await_final_attestations(FINAL_ATTESTATION_GRACE_S, FINAL_ATTESTATION_MAX_S)
+            final: asyncio.Task[object] = asyncio.create_task(waiting)
+            signals = tasks[1:]
+            tasks.append(final)  # a signal or a lost lease ends the wait (then every stream ends with the server)
+            await asyncio.wait([final, *signals], return_when=asyncio.FIRST_COMPLETED)
             if options.serve_after and not stop.is_set():
                 log.info("job finished; serving the ledger and status until stopped (--serve-after)")
-                await asyncio.wait(tasks[1:], return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(signals, return_when=asyncio.FIRST_COMPLETED)
         else:
             log.info("stopping on signal; everything acknowledged is in the ledger store, restart to resume")
             running.job.stop("the coordinator is stopping; reconnect to resume")

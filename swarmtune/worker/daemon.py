@@ -39,7 +39,8 @@ T = TypeVar("T")
 # Join refusals no retry can fix: a revoked or unknown key, another job.
 REFUSALS = frozenset({grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.FAILED_PRECONDITION})
 
-# Leaving (SIGTERM or the job's end): the member in progress may finish first (then the outbox drains).
+# Leaving (SIGTERM or the job's end): the member in progress may finish first, then the state hash in
+# progress (the final attestation: local work, not bounded), then the outbox drains (PROTOCOL §6.3 step 6).
 DRAIN_MEMBER_TIMEOUT_S = 30.0
 # A connection's helper tasks end this soon after they are cancelled (they only await cancellable things).
 HELPERS_EXIT_S = 5.0
@@ -405,7 +406,8 @@ class Daemon:
     # ---- leaving -------------------------------------------------------------------------------
 
     async def drain(self, connection: Connection, joined: Joined) -> None:
-        """Before leaving: let the member in progress finish, then send what is still unsent (bounded)."""
+        """Before leaving: let the member in progress finish and the state hash in progress end (the
+        coordinator waits for the final attestation while we are subscribed), then send what is still unsent (bounded)."""
         self.stop.set()
         self.wake.set()
         if self.evaluator is not None:

@@ -6,7 +6,7 @@ import asyncio
 import math
 import random
 import time
-from typing import Callable
+from typing import Awaitable, Callable, TypeVar
 
 import grpc
 
@@ -19,6 +19,8 @@ from swarmtune.worker.session import Connection, Joined, SessionLost, describe, 
 from swarmtune.worker.work import IterationWork
 from swarmtune.eventwait import set_within
 
+T = TypeVar("T")
+
 SUBMIT_ATTEMPTS = 8
 SUBMIT_BATCH = 1024  # results per SubmitResults call
 # While more of our members are still to come, results go out at most this often (a dense member
@@ -26,8 +28,11 @@ SUBMIT_BATCH = 1024  # results per SubmitResults call
 # result that completes our share goes at once.
 PARTIAL_SUBMIT_INTERVAL_S = 0.02
 # Leaving (SIGTERM or the job's end): the coordinator may be gone already, so the last submissions
-# are tried briefly.
+# are tried briefly: DRAIN_SEND_TIMEOUT_S plus DRAIN_ANSWERS times the slowest answer this worker has
+# had (a call in flight, then the flush, each tried DRAIN_ATTEMPTS times), so a slow link or a busy
+# coordinator still gets the final attestation; at most DRAIN_SEND_TIMEOUT_S + DRAIN_ANSWERS x CALL_TIMEOUT_S.
 DRAIN_ATTEMPTS = 2
+DRAIN_ANSWERS = 2 * DRAIN_ATTEMPTS
 DRAIN_SEND_TIMEOUT_S = 3.0
 
 
@@ -57,6 +62,7 @@ class Outbox:
         self.attesting = asyncio.Lock()  # attestations one at a time, in order
         self.calls: set[asyncio.Task[None]] = set()  # flushes started by send_forever, not done yet
         self.failure: BaseException | None = None  # the first of them that failed: ends the connection
+        self.slowest_answer_s = 0.0  # the longest a call of ours waited for its answer (the drain's bound scales with it)
 
     def notify(self) -> None:
         """Something new to send (a result, a retention report, a fresh assignment to resend for)."""
@@ -141,7 +147,7 @@ class Outbox:
         # Batches of SUBMIT_BATCH: a big low-rank population stays under the coordinator's per-call limit.
         for start in range(0, max(len(results), len(retention)), SUBMIT_BATCH):
             batch, sent = results[start : start + SUBMIT_BATCH], retention if start == 0 else []
-            reply = await retried(lambda: connection.submit(joined, batch, sent), self.backoff, self.rng, attempts)
+            reply = await retried(lambda: self.answered(connection.submit(joined, batch, sent)), self.backoff, self.rng, attempts)
             for member, status in work.settle(members[start : start + SUBMIT_BATCH], reply, bool(sent)):
                 what = "retention report" if member < 0 else f"member {member}"
                 self.log("rejected", iteration=work.iteration, item=what, reason=pb.Reason.Name(status.reason), detail=status.detail)
@@ -152,16 +158,26 @@ class Outbox:
             while self.attestations:
                 signed = self.attestations[0]
                 body = entries.encode_signed(signed)
-                reply = await retried(lambda: connection.attest(joined, body), self.backoff, self.rng, attempts)
+                reply = await retried(lambda: self.answered(connection.attest(joined, body)), self.backoff, self.rng, attempts)
                 self.attestations.pop(0)
                 self.log("attested", iteration=signed.record.iteration, status=pb.Reason.Name(reply.status.reason))
         if self.attestations:  # one came while the last call was out, and its flush left it to us
             self.notify()
 
+    async def answered(self, call: Awaitable[T]) -> T:
+        """`call`'s answer, noting how long it took."""
+        started = time.monotonic()
+        reply = await call
+        self.slowest_answer_s = max(self.slowest_answer_s, time.monotonic() - started)
+        return reply
+
+    def drain_bound_s(self) -> float:
+        return DRAIN_SEND_TIMEOUT_S + DRAIN_ANSWERS * self.slowest_answer_s
+
     async def drain(self, connection: Connection, joined: Joined) -> None:
-        """Before leaving: send what is still unsent, briefly (the coordinator may be gone)."""
+        """Before leaving: send what is still unsent, within drain_bound_s (the coordinator may be gone)."""
         try:
-            async with asyncio.timeout(DRAIN_SEND_TIMEOUT_S):
+            async with asyncio.timeout(self.drain_bound_s()):
                 if self.calls:  # what is in flight first: its results are not sent twice
                     await asyncio.wait(set(self.calls))
                 if self.attesting.locked():

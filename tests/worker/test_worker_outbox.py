@@ -13,7 +13,7 @@ from swarmtune.entries import Attestation
 from swarmtune.seeds import MemberNoise
 from swarmtune.worker.backoff import Backoff
 from swarmtune.worker.logs import EventLog
-from swarmtune.worker.outbox import DRAIN_SEND_TIMEOUT_S, Outbox
+from swarmtune.worker.outbox import DRAIN_ANSWERS, DRAIN_SEND_TIMEOUT_S, Outbox
 from swarmtune.worker.session import Connection, Joined, open_channel
 from swarmtune.worker.work import IterationWork, Opened
 
@@ -50,3 +50,17 @@ def test_drain_gives_up_briefly_when_the_coordinator_is_gone_and_keeps_what_it_c
     assert seconds < DRAIN_SEND_TIMEOUT_S + 1.0
     events = [json.loads(line) for line in out.getvalue().splitlines()]
     assert [e["event"] for e in events] == ["unsent_at_exit"]
+
+
+def test_the_drain_bound_grows_with_the_slowest_answer_the_coordinator_gave() -> None:
+    async def scenario() -> Outbox:
+        outbox = Outbox(lambda: None, asyncio.Event(), EventLog(True, io.StringIO()), Backoff(), random.Random(0))
+        assert outbox.drain_bound_s() == DRAIN_SEND_TIMEOUT_S  # nothing measured: the floor
+        await outbox.answered(asyncio.sleep(0.01, "quick"))
+        assert await outbox.answered(asyncio.sleep(0.2, "slow")) == "slow"
+        await outbox.answered(asyncio.sleep(0.01, "quick"))
+        return outbox
+
+    outbox = asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert 0.2 <= outbox.slowest_answer_s < 1.0
+    assert outbox.drain_bound_s() == DRAIN_SEND_TIMEOUT_S + DRAIN_ANSWERS * outbox.slowest_answer_s
