@@ -18,11 +18,13 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import grpc  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
 
 from swarmtune import identity  # noqa: E402
@@ -35,9 +37,8 @@ from tests.support.coordinator_harness import CoordinatorProcess, SimWorker, cha
 WORKER_COUNTS = (10, 100, 1000)
 CLIENT_PROCESSES = 2  # 2 cores: a few processes with many asyncio workers each
 WORKERS_PER_CHANNEL = 50  # HTTP/2 connections shared by simulated workers (streams multiplex)
-# Members per worker and iteration (population = workers x this), as a worker's capacity. Every
-# worker receives every iteration entry (all signed results), so the bytes broadcast per iteration
-# grow as workers x population: 1,000 workers get one member each (a 1,000-member population).
+# Members per worker and iteration (population = workers x this), as a worker's capacity: 1,000
+# workers get one member each (a 1,000-member population). bench/population.py runs the large ones.
 MEMBERS_PER_WORKER = {10: 16, 100: 16, 1000: 1}
 WARMUP_ITERATIONS = 2  # the first iterations open while workers are still connecting
 ITERATIONS = {10: 40, 100: 30, 1000: 20}
@@ -60,13 +61,25 @@ async def _client(address: str, job_id: str, pems: list[bytes], capacity: int, r
         stub = CoordinatorStub(channels[i // WORKERS_PER_CHANNEL])
         workers.append(SimWorker(stub, job_id, key=key, capacity=capacity, keep_entries=False))
     for start in range(0, len(workers), 100):  # join in waves: the coordinator verifies each proof
-        await asyncio.gather(*(w.join() for w in workers[start : start + 100]))
+        await asyncio.gather(*(joined(w) for w in workers[start : start + 100]))
     for w in workers:
         w.start()
     ready.put(len(workers))
     await asyncio.gather(*(w.closed.wait() for w in workers))
     for chan in channels:
         await chan.close()
+
+
+async def joined(worker: SimWorker, attempts: int = 5) -> None:
+    """Join, again after a call a busy coordinator shed (CANCELLED) or could not take (UNAVAILABLE)."""
+    for attempt in range(1, attempts + 1):
+        try:
+            await worker.join()
+            return
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() not in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE) or attempt == attempts:
+                raise
+            await asyncio.sleep(0.5 * attempt)
 
 
 async def status(address: str) -> pb.JobStatus:
@@ -79,26 +92,41 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)]
 
 
-def run_size(workers: int, redis_url: str, work: Path) -> dict[str, float]:
-    job_id = f"load-{workers}"
+@dataclass(frozen=True)
+class LoadJob:
+    """A job for a coordinator process: its spec and key files, its workers' keys; genesis written."""
+
+    job_id: str
+    keys: list[Ed25519PrivateKey]
+    coordinator_key: Ed25519PrivateKey
+    key_file: Path
+    job_file: Path
+
+    @property
+    def public(self) -> tuple[bytes, ...]:
+        return tuple(identity.public_key_bytes(k) for k in self.keys)
+
+
+def load_job(work: Path, redis_url: str, job_id: str, workers: int, population: int, iterations: int) -> LoadJob:
     keys = [identity.generate_key() for _ in range(workers)]
-    public = tuple(identity.public_key_bytes(k) for k in keys)
     coordinator_key = identity.generate_key()
-    key_file = work / f"{job_id}.key"
-    identity.save_private_key(coordinator_key, key_file)
-    job_file = work / f"{job_id}.toml"
-    iterations = ITERATIONS[workers]
-    members = MEMBERS_PER_WORKER[workers]
-    job_file.write_bytes(spec_text(job_id, population=workers * members, iterations=iterations, deadline=120))
-    write_genesis(connect(redis_url), job_file.read_bytes(), job_id, coordinator_key, public)
-    coordinator = CoordinatorProcess(job_file, redis_url, key_file, public, "--serve-after")
-    address = f"127.0.0.1:{coordinator.start()}"
+    job = LoadJob(job_id, keys, coordinator_key, work / f"{job_id}.key", work / f"{job_id}.toml")
+    identity.save_private_key(coordinator_key, job.key_file)
+    job.job_file.write_bytes(spec_text(job_id, population=population, iterations=iterations, deadline=120))
+    write_genesis(connect(redis_url), job.job_file.read_bytes(), job_id, coordinator_key, job.public)
+    return job
+
+
+def drive(
+    coordinator: CoordinatorProcess, address: str, job_id: str, keys: list[Ed25519PrivateKey], members: int, poll_s: float
+) -> tuple[int, int, pb.JobStatus]:
+    """The simulated workers, in CLIENT_PROCESSES processes, until the job finishes; then the coordinator
+    stops. (Workers that joined, the most connected at once, the final status.)"""
     context = multiprocessing.get_context("spawn")
     ready = context.Queue()
     pems = [identity.private_key_pem(k) for k in keys]
     shares = [pems[i::CLIENT_PROCESSES] for i in range(CLIENT_PROCESSES)]
     clients = [context.Process(target=client, args=(address, job_id, share, members, ready)) for share in shares if share]
-    started = time.monotonic()
     try:
         for process in clients:
             process.start()
@@ -109,7 +137,7 @@ def run_size(workers: int, redis_url: str, work: Path) -> dict[str, float]:
             peak = max(peak, sum(w.connected for w in report.workers))
             if report.state == pb.JobStatus.FINISHED:
                 break
-            time.sleep(2.0 if workers > 100 else 0.2)  # status of 1,000 workers is not free: poll gently
+            time.sleep(poll_s)
         for process in clients:
             process.join(120)
     finally:
@@ -117,6 +145,17 @@ def run_size(workers: int, redis_url: str, work: Path) -> dict[str, float]:
         for process in clients:
             if process.is_alive():
                 process.kill()
+    return held, peak, report
+
+
+def run_size(workers: int, redis_url: str, work: Path) -> dict[str, float]:
+    members = MEMBERS_PER_WORKER[workers]
+    job = load_job(work, redis_url, f"load-{workers}", workers, workers * members, ITERATIONS[workers])
+    coordinator = CoordinatorProcess(job.job_file, redis_url, job.key_file, job.public, "--serve-after")
+    address = f"127.0.0.1:{coordinator.start()}"
+    started = time.monotonic()
+    poll_s = 2.0 if workers > 100 else 0.2  # status of 1,000 workers is not free: poll gently
+    held, peak, report = drive(coordinator, address, job.job_id, job.keys, members, poll_s)
     measured = [s for s in report.recent if s.iteration > WARMUP_ITERATIONS]
     closes = [s.overhead_s * 1000 for s in measured]
     results = sum(s.rewarded for s in measured)
@@ -136,6 +175,11 @@ def run_size(workers: int, redis_url: str, work: Path) -> dict[str, float]:
     return row
 
 
+def machine() -> dict[str, object]:
+    """This machine's other load (shared cores make every figure slower): 1/5/15-minute averages."""
+    return {"load_average": [round(x, 2) for x in os.getloadavg()], "cpu_count": os.cpu_count()}
+
+
 def main() -> None:
     with tempfile.TemporaryDirectory(prefix="swarmtune-load-") as tmp, EmbeddedRedis(Path(tmp) / "redis") as redis:
         rows = [run_size(n, redis.url, Path(tmp)) for n in WORKER_COUNTS]
@@ -147,9 +191,7 @@ def main() -> None:
         "results_per_s": max(r["results_per_s"] for r in rows),  # the best sustained rate; each size below
         "by_workers": {str(r["workers"]): r for r in rows},
         "goals": GOALS,
-        # This machine's other load (shared cores make every figure above slower): 1/5/15-minute averages.
-        "load_average": [round(x, 2) for x in os.getloadavg()],
-        "cpu_count": os.cpu_count(),
+        **machine(),
     }
     print(json.dumps(summary))
 

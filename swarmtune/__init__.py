@@ -1,3 +1,3 @@
 """swarmtune: decentralized, bit-exact Evolution Strategies fine-tuning of language models."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -5,17 +5,24 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass, fields
+from functools import cached_property
 from operator import attrgetter
 from typing import Any, Callable, Generic, TypeVar, Union
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from google.protobuf.message import DecodeError
 
-from swarmtune import identity
-from swarmtune.seeds import MemberNoise
+from swarmtune import batches, identity
+from swarmtune.batches import BatchError, MemberResult, Recorded
+from swarmtune.seeds import MemberNoise, NoisePlan
 from swarmtune.wire import ledger_pb2 as pb
 
 HASH_BYTES = 32
+# The protocol a genesis records (docs/PROTOCOL.md): v2 holds the master state as int32 (§2.2).
+PROTOCOL_VERSION = "swarmtune/2"
+LEGACY_PROTOCOLS = {
+    "swarmtune/1": "version 1 ledger (swarmtune/1): replay it with swarmtune 0.1 (pip install 'swarmtune==0.1.*')",
+}
 ZERO_HASH = bytes(HASH_BYTES)  # prev_hash of genesis
 
 # Job ids name Redis keys and files, so they are kept to a portable alphabet.
@@ -53,19 +60,6 @@ def check_job_id(job_id: str) -> str:
 
 
 @dataclass(frozen=True)
-class WorkerResult:
-    """One member's reward, bound to (job, iteration, member, seed, ledger head) and its worker."""
-
-    job_id: str
-    iteration: int
-    member: int
-    seed: int
-    head_hash: bytes
-    reward: float
-    worker_key: bytes
-
-
-@dataclass(frozen=True)
 class RetentionReport:
     """Held-out figures (name, value) a worker measured during an iteration."""
 
@@ -86,7 +80,7 @@ class Attestation:
     worker_key: bytes
 
 
-Record = TypeVar("Record", WorkerResult, RetentionReport, Attestation)
+Record = TypeVar("Record", RetentionReport, Attestation)
 
 
 @dataclass(frozen=True)
@@ -114,7 +108,6 @@ def _codec(record_type: type, context: str, body_type: Any, signed_type: Any, bo
 
 
 _CODECS: dict[type, _Codec] = {
-    WorkerResult: _codec(WorkerResult, identity.CONTEXT_RESULT, pb.WorkerResult, pb.SignedResult, "result"),
     RetentionReport: _codec(
         RetentionReport, identity.CONTEXT_RETENTION, pb.RetentionReport, pb.SignedRetention, "report"
     ),
@@ -122,7 +115,7 @@ _CODECS: dict[type, _Codec] = {
 }
 
 
-def _record_to_pb(record: WorkerResult | RetentionReport | Attestation) -> Any:
+def _record_to_pb(record: RetentionReport | Attestation) -> Any:
     values = {f.name: getattr(record, f.name) for f in fields(record)}
     if isinstance(record, RetentionReport):
         values["figures"] = [pb.Figure(name=name, value=value) for name, value in record.figures]
@@ -130,7 +123,6 @@ def _record_to_pb(record: WorkerResult | RetentionReport | Attestation) -> Any:
 
 
 def _record_from_pb(record_type: type[Record], message: Any) -> Record:
-    # attrgetter over precomputed names: this runs once per worker result when verifying a ledger.
     values = _CODECS[record_type].values(message)
     if record_type is RetentionReport:  # its last field, figures, holds messages: make them pairs
         values = (*values[:-1], tuple((f.name, f.value) for f in message.figures))
@@ -218,15 +210,57 @@ def new_genesis(job_spec: bytes, base_state_hash: bytes, coordinator_key: bytes,
 
 @dataclass(frozen=True)
 class Iteration:
+    """An iteration entry's body. The per-member views (members, results, rewards) are derived once, when asked."""
+
     iteration: int
     opened_head: bytes
-    members: tuple[MemberNoise, ...]
-    results: tuple[Signed[WorkerResult], ...]
+    plan: NoisePlan
+    batches: tuple[Recorded, ...]
     coefficients: tuple[int, ...]
-    rewards: tuple[float, ...]
+    disputed: tuple[float, ...]  # settled rewards of the members whose counted rewards differ, in member order
     shaping: str
     retention: tuple[Signed[RetentionReport], ...] = ()
     alerts: tuple[str, ...] = ()
+    draw: bytes = b""  # the coordinator's signature that ordered candidates and chose spot checks
+    candidates: tuple[bytes, ...] = ()  # worker keys that could take members at opening, in the draw's order
+
+    @cached_property
+    def members(self) -> tuple[MemberNoise, ...]:
+        return self.plan.members(self.iteration)
+
+    @cached_property
+    def results(self) -> tuple[MemberResult, ...]:
+        """Every counted replica, batch by batch."""
+        return tuple(
+            MemberResult(recorded.batch.worker_key, m, r) for recorded in self.batches for m, r in zip(*recorded.counted())
+        )
+
+    @cached_property
+    def counted(self) -> tuple[dict[int, float], dict[int, list[float]]]:
+        """(member -> its first counted reward, member -> every counted reward where it has several)."""
+        return batches.tally(self.batches)
+
+    def replicated(self) -> list[MemberResult]:
+        """The counted replicas of the members that have several: the only ones that can disagree."""
+        several = self.counted[1]
+        if not several:
+            return []
+        return [MemberResult(r.batch.worker_key, m, x) for r in self.batches for m, x in zip(*r.counted()) if m in several]
+
+    @cached_property
+    def rewards(self) -> tuple[float, ...]:
+        """The reward shaping used, per member (0 for a member without a counted replica)."""
+        first, several = self.counted
+        return batches.settled_rewards(self.plan.population, first, several, self.disputed)
+
+    @property
+    def rewarded(self) -> tuple[float, ...]:
+        """The rewards of the members with a counted replica, in member order (what shaping saw)."""
+        rewards = self.rewards
+        return tuple(rewards[m] for m in sorted(self.counted[0]))
+
+
+ROLE_REFEREE = "referee"  # an operator-trusted key whose reward settles a member
 
 
 @dataclass(frozen=True)
@@ -234,6 +268,7 @@ class Admission:
     worker_key: bytes
     reason: str
     operator_fingerprint: str
+    role: str = ""  # "" or ROLE_REFEREE
 
 
 @dataclass(frozen=True)
@@ -314,17 +349,22 @@ def _body_to_pb(body: Body) -> Any:
         return pb.Iteration(
             iteration=body.iteration,
             opened_head=body.opened_head,
-            members=[pb.MemberNoise(member=m.member, seed=m.seed, sign=m.sign) for m in body.members],
-            results=[_signed_to_pb(r) for r in body.results],
+            plan=plan_to_pb(body.plan),
+            batches=[batches.recorded_to_pb(r) for r in body.batches],
             coefficients=body.coefficients,
-            rewards=body.rewards,
+            disputed=body.disputed,
             shaping=body.shaping,
             retention=[_signed_to_pb(r) for r in body.retention],
             alerts=body.alerts,
+            draw=body.draw,
+            candidates=body.candidates,
         )
     if isinstance(body, (Admission, Revocation)):
         return pb.WorkerKey(
-            worker_key=body.worker_key, reason=body.reason, operator_fingerprint=body.operator_fingerprint
+            worker_key=body.worker_key,
+            reason=body.reason,
+            operator_fingerprint=body.operator_fingerprint,
+            role=body.role if isinstance(body, Admission) else "",
         )
     return pb.Checkpoint(
         iteration=body.iteration,
@@ -344,7 +384,25 @@ def _signed_list(record_type: type[Record], messages: Any, what: str, kind: str)
     return tuple(out)
 
 
-def _body_from_pb(kind: str, message: Any) -> Body:
+def plan_to_pb(plan: NoisePlan) -> pb.NoisePlan:
+    return pb.NoisePlan(job_seed=plan.job_seed, population=plan.population, antithetic=plan.antithetic)
+
+
+def plan_from_pb(message: pb.NoisePlan) -> NoisePlan:
+    return NoisePlan(message.job_seed, message.population, message.antithetic)
+
+
+def _recorded_list(message: Any, job_id: str) -> tuple[Recorded, ...]:
+    out: list[Recorded] = []
+    try:
+        for recorded in message.batches:
+            out.append(batches.recorded_from_pb(recorded, job_id, message.iteration, message.opened_head))
+    except BatchError as exc:
+        raise EntryError(f"batch {len(out)}: {exc}", "iteration") from None
+    return tuple(out)
+
+
+def _body_from_pb(kind: str, message: Any, job_id: str) -> Body:
     if kind == "genesis":
         plan = tuple(TensorSpec(t.name, tuple(t.shape), t.exponent, t.treatment) for t in message.tensor_plan)
         values = {f.name: getattr(message, f.name) for f in fields(Genesis)}
@@ -353,17 +411,20 @@ def _body_from_pb(kind: str, message: Any) -> Body:
         return Iteration(
             iteration=message.iteration,
             opened_head=message.opened_head,
-            members=tuple(MemberNoise(m.member, m.seed, m.sign) for m in message.members),
-            results=_signed_list(WorkerResult, message.results, "result", kind),
+            plan=plan_from_pb(message.plan),
+            batches=_recorded_list(message, job_id),
             coefficients=tuple(message.coefficients),
-            rewards=tuple(message.rewards),
+            disputed=tuple(message.disputed),
             shaping=message.shaping,
             retention=_signed_list(RetentionReport, message.retention, "retention report", kind),
             alerts=tuple(message.alerts),
+            draw=message.draw,
+            candidates=tuple(message.candidates),
         )
-    if kind in ("admission", "revocation"):
-        key_change = Admission if kind == "admission" else Revocation
-        return key_change(message.worker_key, message.reason, message.operator_fingerprint)
+    if kind == "admission":
+        return Admission(message.worker_key, message.reason, message.operator_fingerprint, message.role)
+    if kind == "revocation":
+        return Revocation(message.worker_key, message.reason, message.operator_fingerprint)
     if kind == "attestation":
         return _signed_list(Attestation, [message], "attestation", kind)[0]
     return Checkpoint(
@@ -429,7 +490,7 @@ def parse_entry(stored: bytes) -> StoredEntry:
     kind = message.WhichOneof("body")
     if kind is None:
         raise EntryError("entry has no body (unknown kind: written by a newer swarmtune?)")
-    body = _body_from_pb(kind, getattr(message, kind))
+    body = _body_from_pb(kind, getattr(message, kind), message.job_id)
     entry = Entry(message.index, message.prev_hash, message.job_id, message.timestamp_ms, body)
     return StoredEntry(entry, signed.entry, signed.signature, stored, entry_hash(stored))
 

@@ -1,4 +1,4 @@
-"""int64 fixed point: base floats to Q·2^-F, Q back to derived floats, round-half-even shifts."""
+"""Fixed point: base floats to Q·2^-F (int32 at rest, int64 while computing), Q back to derived floats."""
 
 from __future__ import annotations
 
@@ -6,11 +6,13 @@ import math
 
 import torch
 
-# |Q| stays below 2**Q_LIMIT_BITS so that Q -> float64 is exact on every device.
-Q_LIMIT_BITS = 53
+# The master state's width at rest (PROTOCOL §2.2): 4 bytes a parameter; arithmetic widens to int64.
+Q_DTYPE = torch.int32
+# |Q| stays below 2**Q_LIMIT_BITS: every Q fits Q_DTYPE (and float64 holds it exactly on every device).
+Q_LIMIT_BITS = 31
 # Genesis puts the largest |w| of a tensor below 2**GENESIS_BITS: 8x growth before overflow.
-GENESIS_BITS = 50
-# Finest resolution: 2**-40 ≈ 9e-13, far below any ES step; also keeps shifts non-negative.
+GENESIS_BITS = 28
+# Finest resolution: 2**-40 ≈ 9e-13, far below any ES step; also keeps shifts (40 + G - F) non-negative.
 EXPONENT_MAX = 40
 
 
@@ -20,9 +22,13 @@ class FixedPointOverflow(ArithmeticError):
 
 def choose_exponent(weights: torch.Tensor) -> int:
     """F = min(EXPONENT_MAX, GENESIS_BITS - e) where max|w| < 2^e (e from frexp, exact)."""
-    if not torch.isfinite(weights).all():
+    if not weights.numel():
+        return EXPONENT_MAX
+    # aminmax propagates NaN and keeps infinities, with no tensor-sized temporary (abs, isfinite).
+    low, high = (float(v) for v in torch.aminmax(weights.detach()))
+    if not (math.isfinite(low) and math.isfinite(high)):
         raise ValueError("base weights contain NaN or infinity; cannot build a fixed-point state")
-    largest = float(weights.detach().abs().max().item()) if weights.numel() else 0.0
+    largest = max(-low, high)
     if largest == 0.0:
         return EXPONENT_MAX
     _, exponent = math.frexp(largest)
@@ -30,9 +36,10 @@ def choose_exponent(weights: torch.Tensor) -> int:
 
 
 def to_fixed(weights: torch.Tensor, exponent: int) -> torch.Tensor:
-    """Q = round_half_even(w · 2^F): w -> float64 (exact), scale by a power of two (exact), round."""
+    """Q = round_half_even(w · 2^F) as Q_DTYPE: w -> float64 (exact), scale by a power of two (exact),
+    round; genesis exponents keep |Q| < 2^GENESIS_BITS, so the narrowing is exact."""
     scaled = weights.detach().to(torch.float64) * (2.0**exponent)
-    return torch.round(scaled).to(torch.int64)
+    return torch.round(scaled).to(Q_DTYPE)
 
 
 def derive(q: torch.Tensor, exponent: int, dtype: torch.dtype) -> torch.Tensor:
@@ -64,7 +71,8 @@ def rne_shift_int(x: int, shift: int) -> int:
 
 
 def check_range(q: torch.Tensor, name: str) -> None:
-    """Raise FixedPointOverflow if any |Q| reaches 2^Q_LIMIT_BITS."""
+    """Raise FixedPointOverflow if any |Q| of an int64 candidate reaches 2^Q_LIMIT_BITS (before it is
+    narrowed to Q_DTYPE, where it would wrap)."""
     if q.numel() and max(-int(q.min()), int(q.max())) >= 1 << Q_LIMIT_BITS:
         raise FixedPointOverflow(
             f"tensor {name!r} left the fixed-point range (|Q| ≥ 2^{Q_LIMIT_BITS}): its weights grew more "

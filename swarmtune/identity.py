@@ -16,6 +16,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 DOMAIN = b"swarmtune/v1/"
 CONTEXT_ENTRY = "ledger-entry"
 CONTEXT_RESULT = "worker-result"
+CONTEXT_BATCH = "result-batch"
+CONTEXT_DIGEST = "iteration-digest"
 CONTEXT_RETENTION = "retention-report"
 CONTEXT_ATTESTATION = "state-attestation"
 

@@ -57,6 +57,9 @@ class JobSpec:
     redundancy_tolerance: float = 1e-6  # replicas within this absolute distance agree
     revoke_after: int = 3  # disagreements with the majority before a worker key is revoked
     attest_every: int = 1  # iterations between worker state attestations (0: never)
+    checkpoint_every: int = 0  # iterations between checkpoint entries (0: never); a multiple of attest_every
+    checkpoint_quorum: int = 2  # distinct workers attesting the same state hash for a checkpoint entry
+    spot_check: float = 0.0  # fraction of members also re-evaluated by a referee (0: none)
     retention_task: str = ""  # held-out task measured on the center model ("" : none)
     retention_options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     retention_every: int = 0  # iterations between retention measurements (0: never)
@@ -109,6 +112,9 @@ LAYOUT: dict[tuple[str, str], str] = {
     ("schedule", "redundancy_tolerance"): "redundancy_tolerance",
     ("schedule", "revoke_after"): "revoke_after",
     ("schedule", "attest_every"): "attest_every",
+    ("schedule", "checkpoint_every"): "checkpoint_every",
+    ("schedule", "checkpoint_quorum"): "checkpoint_quorum",
+    ("schedule", "spot_check"): "spot_check",
     ("retention", "task"): "retention_task",
     ("retention", "options"): "retention_options",
     ("retention", "every"): "retention_every",
@@ -206,6 +212,9 @@ CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "redundancy_tolerance": _number(0.0, math.inf),
     "revoke_after": _integer(1, 1_000_000),
     "attest_every": _integer(0, 10_000_000),
+    "checkpoint_every": _integer(0, 10_000_000),
+    "checkpoint_quorum": _integer(1, 1_000),
+    "spot_check": _number(0.0, 1.0),
     "retention_task": _text(True),
     "retention_options": _options,
     "retention_every": _integer(0, 10_000_000),
@@ -241,6 +250,11 @@ def _check_consistency(spec: JobSpec) -> None:
         raise JobSpecError(
             f"[schedule] quorum × [es] population must allow at least 2 rewarded members for shaping; "
             f"got {spec.quorum} × {spec.population}"
+        )
+    if spec.checkpoint_every and (spec.attest_every == 0 or spec.checkpoint_every % spec.attest_every):
+        raise JobSpecError(
+            f"[schedule] checkpoint_every ({spec.checkpoint_every}) must be a multiple of [schedule] attest_every "
+            f"({spec.attest_every}, which must be >= 1): a checkpoint needs attestations at its iteration"
         )
     if bool(spec.retention_task) != (spec.retention_every > 0):
         raise JobSpecError("[retention] task and [retention] every go together: set both (every >= 1) or neither")

@@ -12,7 +12,8 @@ from typing import Any, Callable, Collection, Iterable, Iterator, Mapping, cast
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from swarmtune import entries, identity
+from swarmtune import batches, draw, entries, identity
+from swarmtune.batches import Recorded
 from swarmtune.entries import (
     Admission,
     Attestation,
@@ -22,15 +23,14 @@ from swarmtune.entries import (
     Revocation,
     Signed,
     StoredEntry,
-    WorkerResult,
 )
 from swarmtune.precheck import Signature, prechecked
 
 OTHER_HEAD = "bound to another ledger head than the one the iteration opened at"
 
-# (body, signature) pairs of results whose signatures the verifying party has established: a worker's
-# own (it made them), or results checked ahead on other threads (precheck). Everything else about
-# them is still checked.
+# (payload, signature) pairs of result batches whose signatures the verifying party has established: a
+# worker's own (it made them), or batches checked ahead on other threads (precheck). Everything else
+# about them is still checked.
 Vouched = Collection[Signature]
 
 
@@ -53,12 +53,13 @@ class ChainState:
     base_state_hash: bytes
     next_index: int
     head_hash: bytes
-    admitted: Mapping[bytes, Ed25519PublicKey]  # loaded once at admission, used for every result
+    admitted: Mapping[bytes, Ed25519PublicKey]  # loaded once at admission, used for every batch
     revoked: frozenset[bytes]
     last_iteration: int
     # Hashes of the last iteration entry (or genesis) and every entry after it: the heads an
     # open iteration may have been opened at (admissions can land while an iteration is open).
     open_heads: frozenset[bytes]
+    referees: frozenset[bytes] = frozenset()  # admitted with the referee role
 
 
 def _worker_problem(state: ChainState, worker_key: bytes) -> str | None:
@@ -69,7 +70,7 @@ def _worker_problem(state: ChainState, worker_key: bytes) -> str | None:
     return f"worker {identity.fingerprint(worker_key)} is not admitted"
 
 
-def _signed_problem(state: ChainState, signed: Signed[Any], iteration: int, vouched: Vouched = ()) -> str | None:
+def _signed_problem(state: ChainState, signed: Signed[Any], iteration: int) -> str | None:
     """Problems every worker-signed record can have; the signature is checked last (costliest)."""
     record = signed.record
     problem = _worker_problem(state, record.worker_key)
@@ -79,7 +80,7 @@ def _signed_problem(state: ChainState, signed: Signed[Any], iteration: int, vouc
         return f"bound to job {record.job_id!r}, not {state.job_id!r}"
     if record.iteration != iteration:
         return f"bound to iteration {record.iteration}, not {iteration}"
-    if (signed.body, signed.signature) not in vouched and not entries.verify_record(signed, state.admitted[record.worker_key]):
+    if not entries.verify_record(signed, state.admitted[record.worker_key]):
         return "worker signature invalid"
     return None
 
@@ -95,48 +96,66 @@ def _records_problem(
     return None
 
 
-def result_problem(
-    state: ChainState,
-    signed: Signed[WorkerResult],
-    iteration: int,
-    opened_head: bytes,
-    seeds: Mapping[int, int],
-    vouched: Vouched = (),
-) -> str | None:
-    """Why a signed result does not belong to this iteration (None if it does); `seeds` maps each
-    member of the iteration to its seed."""
-    result = signed.record
-    if result.member not in seeds:
-        return f"member {result.member} is not in the iteration"
-    if result.seed != seeds[result.member]:
-        return f"seed {result.seed} is not member {result.member}'s seed {seeds[result.member]}"
-    if result.head_hash != opened_head:
-        return OTHER_HEAD
-    if not math.isfinite(result.reward):
-        return f"reward {result.reward} is not finite"
-    return _signed_problem(state, signed, iteration, vouched)
-
-
-def _member_problem(iteration: Iteration) -> str | None:
-    n = len(iteration.members)
-    if len(iteration.coefficients) != n or len(iteration.rewards) != n:
-        return f"{n} members but {len(iteration.coefficients)} coefficients and {len(iteration.rewards)} rewards"
-    if len({m.member for m in iteration.members}) != n:
-        return "a member is listed twice"
-    bad_sign = next((m for m in iteration.members if m.sign not in (1, -1)), None)
-    if bad_sign:
-        return f"member {bad_sign.member} has sign {bad_sign.sign}, not +1 or -1"
+def batch_problem(state: ChainState, recorded: Recorded, population: int, vouched: Vouched = ()) -> str | None:
+    """Why a recorded batch does not belong to its iteration entry (None if it does). Its job, iteration
+    and head are the entry's own by construction: the signature covers them."""
+    batch = recorded.batch
+    problem = _worker_problem(state, batch.worker_key)
+    if problem:
+        return problem
+    if batch.members and batch.members[-1] >= population:
+        return f"member {batch.members[-1]} is not in the iteration (population {population})"
+    if not set(recorded.excluded) <= set(batch.members):
+        return "excludes members the batch does not hold"
+    _, rewards = recorded.counted()
+    bad = next((r for r in rewards if not math.isfinite(r)), None)
+    if bad is not None:
+        return f"counts reward {bad}, which is not finite"
+    if batch.signed not in vouched and not batches.verify_batch(batch, state.admitted[batch.worker_key]):
+        return "worker signature invalid"
     return None
 
 
-def _reward_problem(iteration: Iteration, measured: Mapping[int, list[float]]) -> str | None:
-    """Recorded rewards must come from the recorded results (`measured`); members without one get 0."""
-    for member, coefficient, reward in zip(iteration.members, iteration.coefficients, iteration.rewards):
-        got = measured.get(member.member)
-        if got is None and (coefficient != 0 or reward != 0.0):
-            return f"member {member.member} has no result but coefficient {coefficient}, reward {reward}"
-        if got is not None and not min(got) <= reward <= max(got):
-            return f"member {member.member}'s reward {reward} is outside its results' rewards {sorted(got)}"
+def _batches_problem(state: ChainState, iteration: Iteration, vouched: Vouched) -> str | None:
+    """Each batch sound, and no worker counted twice for one member."""
+    held: dict[bytes, set[int]] = {}
+    for i, recorded in enumerate(iteration.batches):
+        problem = batch_problem(state, recorded, iteration.plan.population, vouched)
+        if problem:
+            return f"batch {i}: {problem}"
+        members, _ = recorded.counted()
+        mine = held.setdefault(recorded.batch.worker_key, set())
+        if not mine.isdisjoint(members):
+            return f"batch {i}: a second result from the same worker for member {min(mine.intersection(members))}"
+        mine.update(members)
+    return None
+
+
+def population_problem(iteration: Iteration) -> str | None:
+    """Why an iteration's plan and coefficients do not describe a population (None if they do)."""
+    n = iteration.plan.population
+    if n < 1:
+        return "population must be at least 1"
+    if iteration.plan.antithetic and n % 2:
+        return f"antithetic sampling needs an even population, got {n}"
+    if len(iteration.coefficients) != n:
+        return f"{n} members but {len(iteration.coefficients)} coefficients"
+    return None
+
+
+def _reward_problem(iteration: Iteration) -> str | None:
+    """Members without a counted replica get coefficient 0; a member whose replicas differ settles on
+    one of their rewards, recorded in order in `disputed`."""
+    first, several = iteration.counted
+    stray = next((m for m, c in enumerate(iteration.coefficients) if c != 0 and m not in first), None)
+    if stray is not None:
+        return f"member {stray} has no result but coefficient {iteration.coefficients[stray]}"
+    disputed = batches.differing(several)
+    if len(disputed) != len(iteration.disputed):
+        return f"{len(disputed)} members' replicas differ but {len(iteration.disputed)} disputed rewards are recorded"
+    for member, reward in zip(disputed, iteration.disputed):
+        if reward not in several[member]:
+            return f"member {member}'s reward {reward} is none of its results' rewards {sorted(several[member])}"
     return None
 
 
@@ -146,26 +165,14 @@ def _iteration_problem(state: ChainState, iteration: Iteration, vouched: Vouched
         return f"iteration {iteration.iteration}, expected {expected}"
     if iteration.opened_head not in state.open_heads:
         return "opened_head is not the hash of an entry since the previous iteration"
-    problem = _member_problem(iteration)
+    problem = population_problem(iteration) or _draw_problem(state, iteration) or _batches_problem(state, iteration, vouched)
     if problem:
         return problem
-    seeds = {m.member: m.seed for m in iteration.members}
-    measured: dict[int, list[float]] = {}  # member -> rewards of its results
-    seen: set[tuple[bytes, int]] = set()
-    for i, signed in enumerate(iteration.results):
-        result = signed.record
-        if (result.worker_key, result.member) in seen:
-            return f"result {i}: a second result from the same worker for member {result.member}"
-        seen.add((result.worker_key, result.member))
-        problem = result_problem(state, signed, iteration.iteration, iteration.opened_head, seeds, vouched)
-        if problem:
-            return f"result {i}: {problem}"
-        measured.setdefault(result.member, []).append(result.reward)
     problem = _records_problem(
         state, iteration.retention, iteration.iteration, "retention report",
         lambda report: None if report.head_hash == iteration.opened_head else OTHER_HEAD,
     )  # fmt: skip
-    return problem or _reward_problem(iteration, measured)
+    return problem or _reward_problem(iteration)
 
 
 def _attestation_problem(state: ChainState, signed: Signed[Attestation]) -> str | None:
@@ -202,6 +209,13 @@ def _key_problem(key: bytes) -> str | None:
 
 
 def _genesis_problem(genesis: Genesis, expected_key: bytes | None) -> str | None:
+    if genesis.protocol_version in entries.LEGACY_PROTOCOLS:
+        return entries.LEGACY_PROTOCOLS[genesis.protocol_version]
+    if genesis.protocol_version != entries.PROTOCOL_VERSION:
+        return (
+            f"protocol {genesis.protocol_version!r} is not this swarmtune's {entries.PROTOCOL_VERSION!r}: "
+            "use the swarmtune release that wrote this ledger"
+        )
     if hashlib.sha256(genesis.job_spec).digest() != genesis.job_spec_sha256:
         return "job_spec_sha256 is not the sha256 of job_spec"
     if len(genesis.base_state_hash) != entries.HASH_BYTES:
@@ -229,6 +243,32 @@ def _genesis_entry_problem(entry: StoredEntry, expected_key: bytes | None) -> st
     return None
 
 
+def _draw_problem(state: ChainState, iteration: Iteration) -> str | None:
+    """The draw is the coordinator's signature over (job, iteration, opened head), and the candidates
+    are distinct admitted keys in the order it implies (an entry without a draw records no assignment)."""
+    if not iteration.draw:
+        return "candidates recorded without a draw" if iteration.candidates else None
+    if not draw.verify_draw(state.coordinator_key, state.job_id, iteration.iteration, iteration.opened_head, iteration.draw):
+        return "draw is not the coordinator's signature over (job, iteration, opened_head)"
+    if list(iteration.candidates) != draw.keyed_order(iteration.draw, iteration.candidates):
+        return "candidates are not distinct keys in the order the draw implies"
+    # A candidate may have been revoked by this very close, between opening and the entry.
+    stranger = next((key for key in iteration.candidates if key not in state.admitted and key not in state.revoked), None)
+    return None if stranger is None else f"candidate {identity.fingerprint(stranger)} was never admitted"
+
+
+def _admission_problem(state: ChainState, admission: Admission) -> str | None:
+    who = identity.fingerprint(admission.worker_key)
+    if admission.role not in ("", entries.ROLE_REFEREE):
+        return f"role {admission.role!r} is neither a worker's ('') nor {entries.ROLE_REFEREE!r}"
+    promoted = admission.role == entries.ROLE_REFEREE and admission.worker_key not in state.referees
+    if admission.worker_key in state.admitted and not promoted:
+        return f"worker {who} is already admitted"
+    if admission.worker_key in state.revoked:
+        return f"worker {who} was revoked; revoked keys stay revoked"
+    return _key_problem(admission.worker_key)
+
+
 def _started(entry: StoredEntry, coordinator_key: bytes | None) -> ChainState:
     problem = _genesis_entry_problem(entry, coordinator_key)
     if problem:
@@ -251,11 +291,7 @@ def _body_problem(state: ChainState, body: entries.Body, vouched: Vouched) -> st
     if isinstance(body, Iteration):
         return _iteration_problem(state, body, vouched)
     if isinstance(body, Admission):
-        if body.worker_key in state.admitted:
-            return f"worker {identity.fingerprint(body.worker_key)} is already admitted"
-        if body.worker_key in state.revoked:
-            return f"worker {identity.fingerprint(body.worker_key)} was revoked; revoked keys stay revoked"
-        return _key_problem(body.worker_key)
+        return _admission_problem(state, body)
     if isinstance(body, Revocation):
         return _worker_problem(state, body.worker_key)
     if isinstance(body, Checkpoint):
@@ -273,7 +309,8 @@ def _after(state: ChainState, entry: StoredEntry) -> ChainState:
     opened = replace(moved, open_heads=state.open_heads | {entry.hash})
     if isinstance(body, Admission):
         admitted = {**state.admitted, body.worker_key: identity.load_public_key(body.worker_key)}
-        return replace(opened, admitted=MappingProxyType(admitted))
+        referees = state.referees | {body.worker_key} if body.role == entries.ROLE_REFEREE else state.referees
+        return replace(opened, admitted=MappingProxyType(admitted), referees=referees)
     if isinstance(body, Revocation):
         remaining = {key: loaded for key, loaded in state.admitted.items() if key != body.worker_key}
         return replace(opened, admitted=MappingProxyType(remaining), revoked=state.revoked | {body.worker_key})
@@ -311,7 +348,7 @@ def walk(
     """THE verified walk over a ledger: each entry parsed once, checked against the chain so far, then
     yielded with the chain state after it. From genesis (`state` None, optionally pinning the
     coordinator key) or from a state already reached; raises LedgerError at the first bad entry.
-    Results' signatures are checked ahead on `pool` (kept by the caller across walks) or else on
+    Result batches' signatures are checked ahead on `pool` (kept by the caller across walks) or else on
     `threads` threads (None: one per CPU); those in `vouched` are taken as made (a worker's own)."""
     for parsed, checked in prechecked(stored_entries, threads, vouched, pool):
         index = 0 if state is None else state.next_index
@@ -330,7 +367,7 @@ def start(stored: bytes, coordinator_key: bytes | None = None) -> tuple[ChainSta
 
 
 def advance(state: ChainState, stored: bytes, vouched: Vouched = ()) -> tuple[ChainState, StoredEntry]:
-    """Check the entry that follows `state`; raises LedgerError naming what is wrong. Result signatures
+    """Check the entry that follows `state`; raises LedgerError naming what is wrong. Batch signatures
     in `vouched` are taken as made; they must still match their records exactly."""
     return next(walk([stored], state, vouched=vouched, threads=1))
 
@@ -379,7 +416,7 @@ class Report:
 def _signature_count(entry: StoredEntry) -> int:
     body = entry.entry.body
     if isinstance(body, Iteration):
-        return len(body.results) + len(body.retention)
+        return len(body.batches) + len(body.retention)
     if isinstance(body, Checkpoint):
         return len(body.attestations)
     return 1 if isinstance(body, Signed) else 0
@@ -395,7 +432,7 @@ def verify_chain(
     threads: int | None = None,
     on_entry: Callable[[StoredEntry], None] | None = None,
 ) -> Report:
-    """Verify a whole ledger, stopping at the first bad entry; results' signatures on `threads` threads
+    """Verify a whole ledger, stopping at the first bad entry; batches' signatures on `threads` threads
     (None: one per CPU); `on_entry` sees each entry once it verified (the audit's further checks).
     Never raises on bad input."""
     state: ChainState | None = None

@@ -28,12 +28,18 @@ CHAT_TEMPLATE = (
 _INIT_EXPONENT = -20
 
 
-def build_tokenizer(out_dir: str | os.PathLike[str]) -> Any:
-    """Build the character-level tokenizer, save it to out_dir and return it (left padding)."""
+def build_tokenizer(out_dir: str | os.PathLike[str], vocab_size: int = 0) -> Any:
+    """Build the character-level tokenizer, save it to out_dir and return it (left padding).
+
+    vocab_size > the character count pads the vocabulary with `<fill_N>` tokens no text encodes to,
+    so a model with a real model's embedding size decodes every id it can emit.
+    """
     from tokenizers import Tokenizer, decoders, models, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS + tuple(CHARACTERS))}
+    base = SPECIAL_TOKENS + tuple(CHARACTERS)
+    fillers = tuple(f"<fill_{index}>" for index in range(len(base), vocab_size))
+    vocab = {token: index for index, token in enumerate(base + fillers)}
     # BPE without merges splits text into single characters; unknown characters become <unk>.
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     backend.decoder = decoders.Fuse()  # join characters back without separators
@@ -60,19 +66,28 @@ def tiny_llama_config(
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
+        **_decoder_fields(tokenizer, len(tokenizer), hidden, layers, heads, heads, intermediate),
         max_position_embeddings=256,
         rms_norm_eps=1e-5,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=tie_word_embeddings,
     )
+
+
+def _decoder_fields(
+    tokenizer: Any, vocab: int, hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int
+) -> dict[str, int | None]:
+    """The configuration fields every decoder-only HF config names alike: sizes and special tokens."""
+    return {
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
 
 
 def portable_uniform_init(name: str, shape: tuple[int, ...], seed: int) -> Any:
@@ -131,5 +146,42 @@ def build_random_model(
     model = LlamaForCausalLM(config)
     initialise_weights(model, seed)
     model.to(getattr(torch, dtype))
+    model.save_pretrained(str(out))
+    return out
+
+
+# Qwen2.5-0.5B's shape (494,032,768 parameters with q/k/v biases, tied embeddings, bf16).
+QWEN05B_SHAPE = {"hidden": 896, "layers": 24, "heads": 14, "kv_heads": 2, "intermediate": 4864, "vocab": 151936}
+
+
+def build_qwen2_model(
+    out_dir: str | os.PathLike[str],
+    *,
+    hidden: int,
+    layers: int,
+    heads: int,
+    kv_heads: int,
+    intermediate: int,
+    vocab: int,
+    seed: int = 0,
+) -> Path:
+    """Save a random Qwen2-architecture model (bf16, tied, q/k/v biases) plus the character tokenizer
+    padded to `vocab`; QWEN05B_SHAPE gives Qwen2.5-0.5B's shape. Same arguments, same bytes."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(out, vocab_size=vocab)
+    config = Qwen2Config(
+        **_decoder_fields(tokenizer, vocab, hidden, layers, heads, kv_heads, intermediate),
+        max_position_embeddings=1024,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        dtype="bfloat16",
+    )
+    # bf16, as Qwen2.5 ships: each portable init value is rounded to bf16 once, when it is written.
+    model = Qwen2ForCausalLM(config).to(torch.bfloat16)
+    initialise_weights(model, seed)
     model.save_pretrained(str(out))
     return out

@@ -103,17 +103,17 @@ def _block_symbols(blocks: torch.Tensor, distribution: str) -> torch.Tensor:
     return blocks.view(torch.int16).to(torch.int32).bitwise_and_(0xFFFF).view(-1)
 
 
-def _lookup(distribution: str, key: int, numel: int, values: torch.Tensor) -> torch.Tensor:
-    """values[symbol j] for j < numel of one stream, in bounded chunks."""
+def _lookup(distribution: str, key: int, numel: int, values: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    """values[symbol j] for offset <= j < offset + numel of one stream, in bounded chunks."""
     _require_little_endian()  # symbols are taken from blocks through dtype views, numbered LSB-first
     per_block = SYMBOLS_PER_BLOCK[distribution]
     out = torch.empty(numel, dtype=values.dtype, device=values.device)
-    for start in range(0, numel, CHUNK_ELEMENTS):
-        stop = min(start + CHUNK_ELEMENTS, numel)
+    for start in range(offset, offset + numel, CHUNK_ELEMENTS):
+        stop = min(start + CHUNK_ELEMENTS, offset + numel)
         first_block, last_block = start // per_block, (stop + per_block - 1) // per_block
         symbols = _block_symbols(hash_blocks(key, first_block, last_block - first_block, values.device), distribution)
-        offset = start - first_block * per_block
-        torch.index_select(values, 0, symbols[offset : offset + stop - start], out=out[start:stop])
+        skip = start - first_block * per_block
+        torch.index_select(values, 0, symbols[skip : skip + stop - start], out=out[start - offset : stop - offset])
     return out
 
 
@@ -161,19 +161,24 @@ def noise_bound(distribution: str) -> int:
     return int(noise_alphabet(distribution).abs().max().item())
 
 
-def dense_noise_map(seed: int, tensors: Sequence[tuple[int, int]], distribution: str, values: torch.Tensor) -> torch.Tensor:
+def dense_noise_map(
+    seed: int, tensors: Sequence[tuple[int, int]], distribution: str, values: torch.Tensor, start: int = 0
+) -> torch.Tensor:
     """values[symbol] for each element of the dense noise of `tensors` ((index, numel) pairs),
     concatenated: f(E) for any elementwise f by mapping the alphabet once (values =
     f(noise_alphabet(...))) instead of every element.
 
-    One tensor is generated in bounded chunks; several (meant for small ones) in one pass, where
+    One tensor is generated in bounded chunks, and may be a run of it: elements start..start+numel
+    (the same values as that slice of the whole). Several (meant for small ones) in one pass, where
     per-call overhead, not arithmetic, is the cost.
     """
     if distribution not in DISTRIBUTIONS:
         raise ValueError(f"unknown noise distribution {distribution!r}")
     if len(tensors) == 1:
         ((index, numel),) = tensors
-        return _lookup(distribution, stream_key(seed, index, ROLE_DENSE), numel, values)
+        return _lookup(distribution, stream_key(seed, index, ROLE_DENSE), numel, values, start)
+    if start:
+        raise ValueError("a start offset applies to one tensor's noise, not to a batch of tensors")
     _require_little_endian()
     device, per_block = values.device, SYMBOLS_PER_BLOCK[distribution]
     numels = [numel for _, numel in tensors]

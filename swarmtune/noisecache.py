@@ -25,13 +25,16 @@ class NoiseCache:
         self._held: OrderedDict[tuple[object, ...], tuple[torch.Tensor, ...]] = OrderedDict()
         self._bytes = 0
 
-    def noise(self, seed: int, tensors: Sequence[tuple[int, int]], distribution: str, device: torch.device | str) -> torch.Tensor:
-        """The dense noise of `tensors` ((index, numel) pairs) for `seed`, concatenated."""
-        key = ("dense", seed, tuple(tensors), distribution, str(torch.device(device)))
+    def noise(
+        self, seed: int, tensors: Sequence[tuple[int, int]], distribution: str, device: torch.device | str, start: int = 0
+    ) -> torch.Tensor:
+        """The dense noise of `tensors` ((index, numel) pairs) for `seed`, concatenated; of one tensor,
+        elements start..start+numel (each chunk of a large tensor is its own entry)."""
+        key = ("dense", seed, tuple(tensors), start, distribution, str(torch.device(device)))
         held = self._held.get(key)
         if held is not None:
             return held[0]
-        drawn = dense_noise_map(seed, tensors, distribution, noise_alphabet(distribution, device))
+        drawn = dense_noise_map(seed, tensors, distribution, noise_alphabet(distribution, device), start)
         self._keep(key, (drawn,))
         return drawn
 
@@ -43,13 +46,13 @@ class NoiseCache:
         shape = (tensor_index, out_features, in_features, rank, str(torch.device(device)))
         found = {seed: held for seed in seeds if (held := self._held.get(("lowrank", seed, *shape))) is not None}
         missing = [seed for seed in seeds if seed not in found]
-        if missing:
-            a, b = population_factors(missing, tensor_index, out_features, in_features, rank, device)
-            for seed, pair in zip(missing, zip(a, b)):
-                found[seed] = pair
-                self._keep(("lowrank", seed, *shape), (pair[0].clone(), pair[1].clone()))  # not views of the batch
-            if len(missing) == len(seeds):
-                return a, b
+        # No seeds (all coefficients zero) gives empty stacks here, never torch.stack([]).
+        a, b = population_factors(missing, tensor_index, out_features, in_features, rank, device)
+        for seed, pair in zip(missing, zip(a, b)):
+            found[seed] = pair
+            self._keep(("lowrank", seed, *shape), (pair[0].clone(), pair[1].clone()))  # not views of the batch
+        if len(missing) == len(seeds):
+            return a, b
         return torch.stack([found[seed][0] for seed in seeds]), torch.stack([found[seed][1] for seed in seeds])
 
     def _keep(self, key: tuple[object, ...], tensors: tuple[torch.Tensor, ...]) -> None:

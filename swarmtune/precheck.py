@@ -1,4 +1,4 @@
-"""Entries parsed once, and their results' worker signatures checked ahead of the chain walk on every core."""
+"""Entries parsed once, and their result batches' worker signatures checked ahead of the chain walk on every core."""
 
 from __future__ import annotations
 
@@ -9,17 +9,18 @@ from typing import Collection, Iterable, Iterator, Sequence, Union
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from swarmtune import entries, identity
-from swarmtune.entries import EntryError, Iteration, Signed, StoredEntry, WorkerResult
+from swarmtune import batches, entries, identity
+from swarmtune.batches import Recorded
+from swarmtune.entries import EntryError, Iteration, StoredEntry
 
-# (body, signature) of a worker-signed record.
+# (payload, signature) of a worker-signed result batch.
 Signature = tuple[bytes, bytes]
 
 # An entry, or why its bytes are not one: the walk reports that when it reaches the entry, in order.
 Parsed = Union[StoredEntry, EntryError]
 
-# Results are checked ahead in chunks of this many (one pool task each), this many entries at a time.
-RESULT_CHUNK = 128
+# Batches are checked ahead in chunks of this many (one pool task each), this many entries at a time.
+BATCH_CHUNK = 16
 PRECHECK_WINDOW = 64
 
 
@@ -30,42 +31,42 @@ def parse(stored: bytes) -> Parsed:
         return exc
 
 
-def _good_results(results: Sequence[Signed[WorkerResult]]) -> list[Signature]:
-    """(body, signature) of the results whose signature verifies under the worker key each names."""
+def _good_batches(recorded: Sequence[Recorded]) -> list[Signature]:
+    """(payload, signature) of the batches whose signature verifies under the worker key each names."""
     keys: dict[bytes, Ed25519PublicKey | None] = {}
     good = []
-    for signed in results:
-        worker = signed.record.worker_key
-        if worker not in keys:
+    for item in recorded:
+        batch = item.batch
+        if batch.worker_key not in keys:
             try:
-                keys[worker] = identity.load_public_key(worker)
+                keys[batch.worker_key] = identity.load_public_key(batch.worker_key)
             except ValueError:
-                keys[worker] = None  # the chain walk says why
-        key = keys[worker]
-        if key is not None and entries.verify_record(signed, key):
-            good.append((signed.body, signed.signature))
+                keys[batch.worker_key] = None  # the chain walk says why
+        key = keys[batch.worker_key]
+        if key is not None and batches.verify_batch(batch, key):
+            good.append(batch.signed)
     return good
 
 
-def checked_results(parsed: Iterable[Parsed], pool: ThreadPoolExecutor, skip: Collection[Signature] = ()) -> frozenset[Signature]:
-    """The results of these entries (but those in `skip`) whose signatures verify, checked on `pool`
+def checked_batches(parsed: Iterable[Parsed], pool: ThreadPoolExecutor, skip: Collection[Signature] = ()) -> frozenset[Signature]:
+    """The batches of these entries (but those in `skip`) whose signatures verify, checked on `pool`
     (Ed25519 verification releases the GIL, so they use every core). Bytes that did not parse add nothing."""
-    results = [
-        signed
+    recorded = [
+        item
         for entry in parsed
         if isinstance(entry, StoredEntry) and isinstance(entry.entry.body, Iteration)
-        for signed in entry.entry.body.results
-        if (signed.body, signed.signature) not in skip
+        for item in entry.entry.body.batches
+        if item.batch.signed not in skip
     ]
-    if len(results) <= RESULT_CHUNK:  # one chunk: here, without a hand-over to the pool
-        return frozenset(_good_results(results))
-    chunks = [results[i : i + RESULT_CHUNK] for i in range(0, len(results), RESULT_CHUNK)]
-    return frozenset(pair for good in pool.map(_good_results, chunks) for pair in good)
+    if len(recorded) <= BATCH_CHUNK:  # one chunk: here, without a hand-over to the pool
+        return frozenset(_good_batches(recorded))
+    chunks = [recorded[i : i + BATCH_CHUNK] for i in range(0, len(recorded), BATCH_CHUNK)]
+    return frozenset(pair for good in pool.map(_good_batches, chunks) for pair in good)
 
 
 def _windows(parsed: Iterator[Parsed], pool: ThreadPoolExecutor, skip: Collection[Signature]) -> Iterator[tuple[Parsed, frozenset[Signature]]]:
     while window := list(itertools.islice(parsed, PRECHECK_WINDOW)):
-        checked = checked_results(window, pool, skip)
+        checked = checked_batches(window, pool, skip)
         yield from ((entry, checked) for entry in window)
 
 
@@ -75,7 +76,7 @@ def prechecked(
     skip: Collection[Signature] = (),
     pool: ThreadPoolExecutor | None = None,
 ) -> Iterator[tuple[Parsed, frozenset[Signature]]]:
-    """Each stored entry parsed (once), with the results (but those in `skip`) whose signatures were
+    """Each stored entry parsed (once), with the batches (but those in `skip`) whose signatures were
     verified ahead of the sequential checks: on `pool` (a caller's, kept across calls), else on
     `threads` threads (None: one per CPU; 1: none ahead, the walk checks every signature)."""
     parsed = map(parse, stored_entries)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
+from swarmtune.basefile import BaseFile
 from swarmtune.entries import Genesis, Iteration, StoredEntry, TensorSpec
 from swarmtune.jobspec import JobSpec, parse_job_spec
 from swarmtune.noise import NoiseConfig
@@ -64,13 +66,16 @@ def _plan_mismatch(found: Sequence[TensorSpec], recorded: Sequence[TensorSpec]) 
 
 def base_state(model: nn.Module, genesis: Genesis) -> MasterState:
     """The genesis master state of `model` under the genesis tensor plan, checked against its hash."""
-    if not genesis.tensor_plan:
-        raise ReplayError("genesis records no tensor plan; this ledger was written without one and cannot be replayed")
-    plan = {spec.name: spec.treatment for spec in genesis.tensor_plan}
+    plan = genesis_treatments(genesis)
     try:
         state = master_from_model(model, plan)
     except KeyError as exc:
         raise ReplayError(f"the model has tensor {exc.args[0]} that genesis does not plan: pass the job's base model") from None
+    return checked_base(state, genesis)
+
+
+def checked_base(state: MasterState, genesis: Genesis) -> MasterState:
+    """`state`, once its plan and hash are the genesis ones (ReplayError saying what differs otherwise)."""
     mismatch = _plan_mismatch(state.specs, genesis.tensor_plan)
     if mismatch:
         raise ReplayError(f"this is not the job's base model: {mismatch}")
@@ -89,29 +94,39 @@ def iteration_update(iteration: Iteration) -> IterationUpdate:
 
 
 class Replica:
-    """One site's copy of a job's model: the base state, the current state and the last iteration applied."""
+    """One site's copy of a job's model: the current state (host memory, updated in place), the last
+    iteration applied, and the base state only where anchored decay needs it (spilled to disk)."""
 
-    def __init__(self, params: ReplayParams, base: MasterState) -> None:
+    def __init__(self, params: ReplayParams, base: MasterState, device: torch.device | str = "cpu") -> None:
         self.params = params
-        self.base = base
-        self.state = base.clone()
+        self.base = BaseFile(base) if params.decay else None
+        self.state = base  # taken over: apply updates it in place
+        self.device = torch.device(device)  # where the update computes its chunks
         self.iteration = 0
 
     def apply(self, iteration: Iteration, cache: NoiseCache | None = None) -> None:
         """Apply the next iteration exactly (in place); `cache` may hold noise drawn for its members."""
         if iteration.iteration != self.iteration + 1:
             raise ReplayError(f"iteration {iteration.iteration} cannot follow iteration {self.iteration}; replay in ledger order")
-        apply_iteration_(self.state, iteration_update(iteration), self.params.noise, self.base, self.params.decay, cache)
+        update = iteration_update(iteration)
+        apply_iteration_(self.state, update, self.params.noise, self.base, self.params.decay, cache, self.device)
         self.iteration = iteration.iteration
+
+    def restore(self, iteration: int) -> None:
+        """Declare that `state.q` now holds the state after `iteration` (a snapshot loader wrote the
+        tensors in place); the next apply must be iteration + 1."""
+        if iteration < 0:
+            raise ReplayError(f"cannot restore to iteration {iteration}; iterations count from 0")
+        self.iteration = iteration
 
     def state_hash(self) -> bytes:
         return state_hash(self.state)
 
 
 def replica_from_genesis(model: nn.Module, genesis: Genesis, device: torch.device | str = "cpu") -> Replica:
-    """A replica at iteration 0: the checked base state of `model`, the parameters from the job spec."""
-    base = base_state(model, genesis).to(device)
-    return Replica(replay_params(genesis_spec(genesis)), base)
+    """A replica at iteration 0: the checked base state of `model` (on the host, whatever `device`:
+    updates compute there chunk by chunk), the parameters from the job spec."""
+    return Replica(replay_params(genesis_spec(genesis)), base_state(model, genesis), device)
 
 
 @dataclass(frozen=True)
@@ -144,7 +159,16 @@ def replay(
     """
     if not ledger_entries or not isinstance(ledger_entries[0].entry.body, Genesis):
         raise ReplayError("the ledger does not start with a genesis entry; pass the whole ledger")
-    replica = replica_from_genesis(model, ledger_entries[0].entry.body, device)
+    return replay_replica(replica_from_genesis(model, ledger_entries[0].entry.body, device), ledger_entries, until, on_iteration)
+
+
+def replay_replica(
+    replica: Replica,
+    ledger_entries: Sequence[StoredEntry],
+    until: int | None = None,
+    on_iteration: OnIteration | None = None,
+) -> ReplayResult:
+    """replay() from a replica at iteration 0 of the ledger's genesis (built from a model or its files)."""
     iterations = [e.entry.body for e in ledger_entries if isinstance(e.entry.body, Iteration)]
     last = iterations[-1].iteration if iterations else 0
     target = last if until is None else until
@@ -161,3 +185,22 @@ def replay(
                 on_iteration(replica, target)
         consumed, head = consumed + 1, entry.hash
     return ReplayResult(replica, consumed, head)
+
+
+def replica_from_files(directory: Path, genesis: Genesis) -> Replica:
+    """replica_from_genesis from a model directory's files: the base state read tensor by tensor from its
+    safetensors files (no model loaded; others are loaded), checked against genesis as base_state checks."""
+    from swarmtune.statefiles import StateFileError, master_from_files
+
+    try:
+        state = master_from_files(directory, genesis_treatments(genesis))
+    except StateFileError as exc:
+        raise ReplayError(f"{exc}: pass the job's base model") from None
+    return Replica(replay_params(genesis_spec(genesis)), checked_base(state, genesis))
+
+
+def genesis_treatments(genesis: Genesis) -> dict[str, str]:
+    """Canonical tensor name -> treatment, from the tensor plan genesis records."""
+    if not genesis.tensor_plan:
+        raise ReplayError("genesis records no tensor plan; this ledger was written without one and cannot be replayed")
+    return {spec.name: spec.treatment for spec in genesis.tensor_plan}

@@ -35,9 +35,22 @@ def population(job_seed: int, iteration: int, size: int, antithetic: bool) -> tu
         raise ValueError("population size must be at least 1")
     if antithetic and size % 2:
         raise ValueError(f"antithetic sampling needs an even population, got {size}")
-    if antithetic:
-        return tuple(
-            MemberNoise(member=m, seed=member_seed(job_seed, iteration, m // 2), sign=1 - 2 * (m % 2))
-            for m in range(size)
-        )
-    return tuple(MemberNoise(member=m, seed=member_seed(job_seed, iteration, m), sign=1) for m in range(size))
+    return NoisePlan(job_seed, size, antithetic).members(iteration)
+
+
+@dataclass(frozen=True)
+class NoisePlan:
+    """An iteration's members 0..population-1 and their noise, derived from the job seed (PROTOCOL §1.1)."""
+
+    job_seed: int
+    population: int
+    antithetic: bool
+
+    def noise(self, iteration: int, member: int) -> MemberNoise:
+        """Member m's noise: antithetic pairs (2j, 2j+1) share seed j with signs +1, -1."""
+        if self.antithetic:
+            return MemberNoise(member, member_seed(self.job_seed, iteration, member // 2), 1 - 2 * (member % 2))
+        return MemberNoise(member, member_seed(self.job_seed, iteration, member), 1)
+
+    def members(self, iteration: int) -> tuple[MemberNoise, ...]:
+        return tuple(self.noise(iteration, m) for m in range(self.population))

@@ -1,8 +1,9 @@
-"""The integer master state of a causal LM: tensor plan, fixed-point tensors, canonical hash."""
+"""The integer master state of a causal LM: tensor plan, int32 fixed-point tensors, canonical hash."""
 
 from __future__ import annotations
 
 import hashlib
+import math
 import struct
 from dataclasses import dataclass
 
@@ -10,14 +11,21 @@ import torch
 from torch import nn
 
 from swarmtune.entries import TensorSpec
-from swarmtune.fixedpoint import choose_exponent, derive, to_fixed
+from swarmtune.fixedpoint import Q_DTYPE, choose_exponent, derive, to_fixed
 
 TREATMENTS = ("dense", "lowrank", "frozen")
+# Every per-tensor pass (update, perturbation, derive, hash) works on row runs of at most this many
+# elements: its temporaries (~32 MB in all) stay far below a layer, never tensor-sized (a tied
+# embedding: 1 GB+ as int64); at 0.5B every 64 MB is 0.13 of the 7 bytes a parameter allowed, and
+# per-call overhead is still negligible at half a million elements.
+CHUNK_ELEMENTS = 1 << 19
+STATE_HASH_DOMAIN = b"swarmtune/state/v2"
 
 
 @dataclass(frozen=True)
 class MasterState:
-    """Q tensors (int64) aligned with specs; w = Q·2^-F. Only update.apply_iteration_ mutates Q."""
+    """Q tensors (Q_DTYPE, int32) aligned with specs; w = Q·2^-F. Only update.apply_iteration_ and a
+    snapshot loader (then Replica.restore) mutate Q."""
 
     specs: tuple[TensorSpec, ...]
     q: tuple[torch.Tensor, ...]
@@ -27,6 +35,19 @@ class MasterState:
 
     def to(self, device: torch.device | str) -> MasterState:
         return MasterState(self.specs, tuple(t.to(device) for t in self.q))
+
+    def read(self, index: int, start: int, stop: int) -> torch.Tensor:
+        """Flat elements start..stop of tensor `index`, widened to int64 (a base the update reads)."""
+        return self.q[index].reshape(-1)[start:stop].to(torch.int64)
+
+
+def row_chunks(shape: tuple[int, ...]) -> list[tuple[int, int]]:
+    """Flat element ranges (start, stop) of whole rows, at most CHUNK_ELEMENTS each (one row if a row
+    is larger), covering a tensor of `shape` in row-major order."""
+    numel = math.prod(shape)
+    row = math.prod(shape[1:]) if len(shape) > 1 else 1
+    step = max(1, CHUNK_ELEMENTS // row) * row if row else numel
+    return [(start, min(start + step, numel)) for start in range(0, numel, step)] if numel else [(0, 0)]
 
 
 def parameter_aliases(model: nn.Module) -> dict[str, tuple[str, ...]]:
@@ -79,12 +100,17 @@ def build_plan(model: nn.Module, family: str, lowrank_others: str = "frozen") ->
 
 
 def master_from_model(model: nn.Module, plan: dict[str, str]) -> MasterState:
-    """Genesis state: each tensor's exponent from its largest magnitude, Q by round-half-even."""
+    """Genesis state on the host: each tensor's exponent from its largest magnitude, Q by
+    round-half-even, converted chunk by chunk (no float64 copy of a whole tensor)."""
     specs, tensors = [], []
     for name, param in canonical_parameters(model):
         exponent = choose_exponent(param)
         specs.append(tensor_spec(name, tuple(param.shape), exponent, plan[name]))
-        tensors.append(to_fixed(param.detach().cpu(), exponent))
+        q = torch.empty(tuple(param.shape), dtype=Q_DTYPE)
+        flat, source = q.view(-1), param.detach().reshape(-1)
+        for start, stop in row_chunks(tuple(param.shape)):
+            flat[start:stop] = to_fixed(source[start:stop].cpu(), exponent)
+        tensors.append(q)
     return MasterState(tuple(specs), tuple(tensors))
 
 
@@ -99,10 +125,16 @@ def tensor_spec(name: str, shape: tuple[int, ...], exponent: int, treatment: str
 
 def write_weights(model: nn.Module, state: MasterState) -> None:
     """Overwrite the model's parameters with the derived weights of `state` (tied ones once)."""
+    for spec, q in zip(state.specs, state.q):
+        write_derived(model.get_parameter(spec.name), q, spec)
+
+
+def write_derived(param: torch.Tensor, q: torch.Tensor, spec: TensorSpec) -> None:
+    """param <- derive(Q) of one tensor, chunk by chunk (derived on Q's device, copied to param's)."""
+    flat, source = param.data.view(-1), q.reshape(-1)
     with torch.no_grad():
-        for spec, q in zip(state.specs, state.q):
-            param = model.get_parameter(spec.name)
-            param.copy_(derive(q.to(param.device), spec.exponent, param.dtype).view(param.shape))
+        for start, stop in row_chunks(spec.shape):
+            flat[start:stop].copy_(derive(source[start:stop], spec.exponent, param.dtype))
 
 
 def state_hash(state: MasterState) -> bytes:
@@ -110,16 +142,20 @@ def state_hash(state: MasterState) -> bytes:
     digest = state_digest(len(state.specs))
     for spec, q in zip(state.specs, state.q):
         digest.update(tensor_header(spec))
-        digest.update(q_bytes(q))
+        flat = q.reshape(-1)
+        for start, stop in row_chunks(spec.shape):
+            digest.update(q_bytes(flat[start:stop]))
     return digest.digest()
 
 
 def state_digest(tensor_count: int) -> "hashlib._Hash":
     """The state hash's SHA-256 after its header; feed each tensor's header then its Q bytes."""
-    digest = hashlib.sha256()
-    digest.update(b"swarmtune/state/v1\x00")
-    digest.update(struct.pack("<I", tensor_count))
-    return digest
+    return hashlib.sha256(state_preamble(tensor_count))
+
+
+def state_preamble(tensor_count: int) -> bytes:
+    """The state hash's first bytes (its domain and tensor count): what a snapshot's state part starts with."""
+    return STATE_HASH_DOMAIN + b"\x00" + struct.pack("<I", tensor_count)
 
 
 def tensor_header(spec: TensorSpec) -> bytes:
@@ -136,5 +172,7 @@ def tensor_header(spec: TensorSpec) -> bytes:
 
 
 def q_bytes(q: torch.Tensor) -> memoryview:
-    """Q (whole or any row-major run of it) as little-endian int64 bytes."""
-    return q.detach().cpu().contiguous().numpy().astype("<i8", copy=False).data
+    """Q (whole or any row-major run of it, Q_DTYPE) as little-endian int32 bytes (i32le)."""
+    if q.dtype != Q_DTYPE:
+        raise TypeError(f"the state hash serializes {Q_DTYPE} tensors, got {q.dtype}: convert with fixedpoint.to_fixed")
+    return q.detach().cpu().contiguous().numpy().astype("<i4", copy=False).data

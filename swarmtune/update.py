@@ -1,10 +1,10 @@
-"""The exact ES update: ΔQ = Σ_i c_i·E_i in integers, dense or as one exact GEMM per matrix."""
+"""The exact ES update: ΔQ = Σ_i c_i·E_i in int64, chunk by chunk (dense, or exact GEMMs by row block)."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Protocol, Sequence
 
 import torch
 
@@ -14,7 +14,7 @@ from swarmtune.noise import GAUSSIAN_SCALE_BITS, NoiseConfig, dense_noise_map, n
 from swarmtune.noisecache import NoiseCache
 from swarmtune.seeds import MemberNoise
 from swarmtune.shaping import COEFFICIENT_BITS
-from swarmtune.state import MasterState
+from swarmtune.state import MasterState, row_chunks
 
 # 1/√r of the low-rank noise, as the integer round_half_even(2^16 / √r).
 LOWRANK_SCALE_BITS = 16
@@ -24,6 +24,14 @@ DECAY_BITS = 24
 SMALL_TENSOR = 1 << 16
 # float64 represents every integer below 2^53, so a GEMM whose every partial sum stays below is exact.
 FLOAT64_EXACT_BITS = 53
+
+
+class BaseSource(Protocol):
+    """Where anchored decay reads the genesis Q: a MasterState, or a spill file (basefile.BaseFile)."""
+
+    def read(self, index: int, start: int, stop: int) -> torch.Tensor:
+        """Flat elements start..stop of tensor `index` as int64."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -88,29 +96,39 @@ def dense_shift(spec: TensorSpec, noise: NoiseConfig) -> int:
     return COEFFICIENT_BITS + noise_scale_bits(spec, noise) - spec.exponent
 
 
-def tensor_delta(
+def tensor_deltas(
     spec: TensorSpec,
     tensor_index: int,
     weights: Mapping[int, int],
     noise: NoiseConfig,
-    device: torch.device,
+    device: torch.device | str,
     cache: NoiseCache | None = None,
-) -> torch.Tensor:
-    """round_half_even(Σ_seed w_seed·E_seed / 2^(C + bits - F)) for one tensor, int64, flat."""
+) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """(tensor_index, start, round_half_even(Σ_seed w_seed·E_seed / 2^(C + bits - F)) of elements
+    start..) for one tensor, int64, flat, by the row runs of state.row_chunks: no temporary is
+    tensor-sized."""
     shift = dense_shift(spec, noise)
+    chunks = row_chunks(spec.shape)
+    # Each chunk is yielded unnamed: a name here would keep it alive while the next one is computed.
     if not weights:  # every coefficient zero (e.g. all rewards tied): no noise to draw, ΔQ = 0
-        return torch.zeros(spec.numel, dtype=torch.int64, device=device)
-    if spec.treatment == "lowrank":
-        out_features, in_features = spec.shape
-        seeds = list(weights)
-        # Columns seed-major, then rank: A is out × (seeds·r), B is in × (seeds·r).
-        a, b = (cache.factors if cache is not None else population_factors)(seeds, tensor_index, out_features, in_features, noise.rank, device)
-        a = a.permute(1, 0, 2).reshape(out_features, -1)
-        b = b.permute(1, 0, 2).reshape(in_features, -1)
-        scale = lowrank_scale(noise.rank)
-        w = torch.tensor([weights[s] * scale for s in seeds for _ in range(noise.rank)], dtype=torch.int64, device=device)
-        return rne_shift(exact_outer_sum(w, a, b), shift).view(-1)
-    return dense_delta([(tensor_index, spec.numel)], weights, noise.distribution, shift, device, cache)
+        for start, stop in chunks:
+            yield tensor_index, start, torch.zeros(stop - start, dtype=torch.int64, device=device)
+        return
+    if spec.treatment != "lowrank":
+        for start, stop in chunks:
+            yield tensor_index, start, dense_delta([(tensor_index, stop - start)], weights, noise.distribution, shift, device, cache, start)
+        return
+    out_features, in_features = spec.shape
+    seeds = list(weights)
+    # Columns seed-major, then rank: A is out × (seeds·r), B is in × (seeds·r); the ΔQ of a row block
+    # is A[rows]·diag(w)·Bᵀ, the same exact sum as the whole matrix's rows.
+    a, b = (cache.factors if cache is not None else population_factors)(seeds, tensor_index, out_features, in_features, noise.rank, device)
+    a = a.permute(1, 0, 2).reshape(out_features, -1)
+    b = b.permute(1, 0, 2).reshape(in_features, -1)
+    scale = lowrank_scale(noise.rank)
+    w = torch.tensor([weights[s] * scale for s in seeds for _ in range(noise.rank)], dtype=torch.int64, device=device)
+    for start, stop in chunks:
+        yield tensor_index, start, rne_shift(exact_outer_sum(w, a[start // in_features : stop // in_features], b), shift).view(-1)
 
 
 def dense_delta(
@@ -118,10 +136,12 @@ def dense_delta(
     weights: Mapping[int, int],
     distribution: str,
     shift: int,
-    device: torch.device,
+    device: torch.device | str,
     cache: NoiseCache | None = None,
+    start: int = 0,
 ) -> torch.Tensor:
-    """round_half_even(Σ_seed w_seed·E_seed / 2^shift) of dense `tensors` ((index, numel) pairs), concatenated."""
+    """round_half_even(Σ_seed w_seed·E_seed / 2^shift) of dense `tensors` ((index, numel) pairs),
+    concatenated; of one tensor, its elements start..start+numel."""
     # rne_shift needs |x| <= 2^62; bounding the sum up front also keeps it from wrapping int64.
     if sum(abs(w) for w in weights.values()) * noise_bound(distribution) > 1 << 62:
         raise FixedPointOverflow(f"dense update of {len(weights)} seeds with coefficients up to {max(map(abs, weights.values()))} exceeds int64")
@@ -130,10 +150,10 @@ def dense_delta(
     # mapped_noise hands f a fresh int64 tensor, so f may work in place.
     if len(weights) == 1:  # one member's perturbation: the rounding is elementwise too
         ((seed, weight),) = weights.items()
-        return mapped_noise(seed, tensors, distribution, device, lambda e: rne_shift(e.mul_(weight), shift), cache)
+        return mapped_noise(seed, tensors, distribution, device, lambda e: rne_shift(e.mul_(weight), shift), cache, start)
     total: torch.Tensor | None = None
     for seed, weight in weights.items():
-        term = mapped_noise(seed, tensors, distribution, device, lambda e: e.mul_(weight), cache)
+        term = mapped_noise(seed, tensors, distribution, device, lambda e: e.mul_(weight), cache, start)
         total = term if total is None else total.add_(term)
     assert total is not None
     return rne_shift(total, shift)
@@ -143,71 +163,92 @@ def mapped_noise(
     seed: int,
     tensors: Sequence[tuple[int, int]],
     distribution: str,
-    device: torch.device,
+    device: torch.device | str,
     f: Callable[[torch.Tensor], torch.Tensor],
     cache: NoiseCache | None = None,
+    start: int = 0,
 ) -> torch.Tensor:
     """f(E) for an elementwise integer map f of the dense noise E (a fresh int64 tensor f may change in
-    place) of `tensors`, concatenated.
+    place) of `tensors` (of one tensor: its elements from `start`), concatenated.
     Drawn afresh, f maps the noise alphabet (2 or 65,536 values) instead of the elements when there
     are more elements; from a cache (E drawn once for every use in an iteration), f maps E itself."""
     if cache is not None:
-        return f(cache.noise(seed, tensors, distribution, device).to(torch.int64))
+        return f(cache.noise(seed, tensors, distribution, device, start).to(torch.int64))
     alphabet = noise_alphabet(distribution, device)
     if sum(numel for _, numel in tensors) > alphabet.numel():
-        return dense_noise_map(seed, tensors, distribution, f(alphabet.to(torch.int64)))
-    return f(dense_noise_map(seed, tensors, distribution, alphabet).to(torch.int64))
+        return dense_noise_map(seed, tensors, distribution, f(alphabet.to(torch.int64)), start)
+    return f(dense_noise_map(seed, tensors, distribution, alphabet, start).to(torch.int64))
 
 
 def state_deltas(
-    state: MasterState, weights: Mapping[int, int], noise: NoiseConfig, cache: NoiseCache | None = None
-) -> Iterator[tuple[int, torch.Tensor]]:
-    """(index, flat ΔQ) of every tensor that moves, in order: tensor_delta's values, with the small dense
-    tensors of each rounding shift generated together (for them, per-call overhead is the cost)."""
-    groups: dict[tuple[int, torch.device], list[int]] = {}
-    for index, (spec, q) in enumerate(zip(state.specs, state.q)):
+    state: MasterState,
+    weights: Mapping[int, int],
+    noise: NoiseConfig,
+    cache: NoiseCache | None = None,
+    device: torch.device | str | None = None,
+) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """(index, start, flat int64 ΔQ of elements start..) of every tensor that moves, in order, computed
+    on `device` (default: where Q lives): tensor_deltas' values, with the small dense tensors of each
+    rounding shift generated together (for them, per-call overhead is the cost)."""
+    where = torch.device(device) if device is not None else (state.q[0].device if state.q else torch.device("cpu"))
+    groups: dict[int, list[int]] = {}
+    for index, spec in enumerate(state.specs):
         if spec.treatment == "dense" and spec.numel <= SMALL_TENSOR:
-            groups.setdefault((dense_shift(spec, noise), q.device), []).append(index)
+            groups.setdefault(dense_shift(spec, noise), []).append(index)
     small: dict[int, torch.Tensor] = {}
-    for (shift, device), indices in groups.items():
+    for shift, indices in groups.items():
         tensors = [(index, state.specs[index].numel) for index in indices]
-        flat = dense_delta(tensors, weights, noise.distribution, shift, device, cache)
+        flat = dense_delta(tensors, weights, noise.distribution, shift, where, cache)
         small.update(zip(indices, flat.split([numel for _, numel in tensors])))
-    for index, (spec, q) in enumerate(zip(state.specs, state.q)):
-        if spec.treatment != "frozen":
-            yield index, small.pop(index) if index in small else tensor_delta(spec, index, weights, noise, q.device, cache)
+    for index, spec in enumerate(state.specs):
+        if index in small:
+            yield index, 0, small.pop(index)
+        elif spec.treatment != "frozen":
+            yield from tensor_deltas(spec, index, weights, noise, where, cache)
 
 
 def apply_iteration_(
     state: MasterState,
     update: IterationUpdate,
     noise: NoiseConfig,
-    base: MasterState | None = None,
+    base: BaseSource | None = None,
     decay: int = 0,
     cache: NoiseCache | None = None,
+    device: torch.device | str | None = None,
 ) -> None:
-    """Q <- Q + ΔQ - round_half_even((Q - Q_base)·decay / 2^24), in place, tensor by tensor.
+    """Q <- Q + ΔQ - round_half_even((Q - Q_base)·decay / 2^24), in place, chunk by chunk: each new Q
+    is computed in int64 on `device`, range-checked, and only then narrowed into the Q_DTYPE tensor.
 
     On FixedPointOverflow the state is partly updated (the failing tensor too): rebuild it.
     """
     if decay and base is None:
         raise ValueError("anchored decay needs the base state")
     weights = seed_weights(update.members, update.coefficients)
-    for index, delta in state_deltas(state, weights, noise, cache):
-        spec, q = state.specs[index], state.q[index]
-        delta = delta.view(q.shape)
+    if not weights and not decay:
+        return  # ΔQ = 0 everywhere: nothing moves
+    for index, start, delta in state_deltas(state, weights, noise, cache, device):
+        spec, flat = state.specs[index], state.q[index].view(-1)
+        stop = start + delta.numel()
+        current = flat[start:stop].to(device=delta.device, dtype=torch.int64)
         if decay:
             assert base is not None
-            drift = q - base.q[index].to(q.device)
+            drift = current - base.read(index, start, stop).to(delta.device)
             if drift.numel() and int(drift.abs().max().item()) * decay >= 1 << 62:
                 raise FixedPointOverflow(f"anchored decay of {spec.name!r} would overflow int64")
-            delta = delta - rne_shift(drift * decay, DECAY_BITS)
-        check_range(q.add_(delta), spec.name)  # cannot wrap: |Q| < 2^53, |ΔQ| <= 2^62 + 2^38
+            delta.sub_(rne_shift(drift.mul_(decay), DECAY_BITS))
+        candidate = current.add_(delta)  # cannot wrap: |Q| < 2^31, |ΔQ| <= 2^62 + 2^33
+        check_range(candidate, spec.name)
+        flat[start:stop].copy_(candidate)  # exact: |Q| < 2^31 was just checked
+        del current, candidate, delta  # one chunk's temporaries at a time, not two while the next is drawn
 
 
 def member_deltas(
-    state: MasterState, member: MemberNoise, sigma: int, noise: NoiseConfig, cache: NoiseCache | None = None
-) -> Iterator[tuple[int, torch.Tensor]]:
-    """(index, integer perturbation σ·sign·E shaped like the tensor) of every tensor a member moves."""
-    for index, delta in state_deltas(state, {member.seed: member.sign * sigma}, noise, cache):
-        yield index, delta.view(state.specs[index].shape)
+    state: MasterState,
+    member: MemberNoise,
+    sigma: int,
+    noise: NoiseConfig,
+    cache: NoiseCache | None = None,
+    device: torch.device | str | None = None,
+) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """(index, start, flat int64 perturbation σ·sign·E of elements start..) of every tensor a member moves."""
+    return state_deltas(state, {member.seed: member.sign * sigma}, noise, cache, device)

@@ -39,12 +39,15 @@ def perturbed_weights(
     noise: NoiseConfig,
     dtype: torch.dtype,
     cache: NoiseCache | None = None,
-) -> Iterator[tuple[int, torch.Tensor]]:
-    """(index, derive(Q + integer perturbation)) of each tensor a member moves: its weights come from
-    the master, never from a float add."""
-    for index, delta in member_deltas(state, member, sigma_int, noise, cache):
-        spec = state.specs[index]
-        yield index, derive(delta.add_(state.q[index]), spec.exponent, dtype)
+    device: torch.device | str | None = None,
+) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """(index, start, derive(Q + integer perturbation) of flat elements start..) of each tensor a member
+    moves, chunk by chunk on `device`: its weights come from the master, never from a float add."""
+    for index, start, delta in member_deltas(state, member, sigma_int, noise, cache, device):
+        q = state.q[index].view(-1)[start : start + delta.numel()]
+        delta.add_(q.to(delta.device))
+        yield index, start, derive(delta, state.specs[index].exponent, dtype)
+        del delta  # not alive while the next chunk is drawn
 
 
 def lowrank_sigma(sigma_int: int, rank: int) -> float:

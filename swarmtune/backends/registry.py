@@ -10,7 +10,7 @@ from swarmtune.backends.base import BackendError, BackendFactory
 
 # Backend names -> the module whose `build` is that backend's BackendFactory. Imported on use: a
 # backend's own dependencies (a GPU runtime, say) are needed only where it runs.
-BACKENDS: Mapping[str, str] = MappingProxyType({"hf": "swarmtune.backends.hf"})
+BACKENDS: Mapping[str, str] = MappingProxyType({"hf": "swarmtune.backends.hf", "vllm": "swarmtune.backends.vllm"})
 
 
 def backend_factory(name: str) -> BackendFactory:

@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ledger": ("ledger_cmd", "export, import or verify a job's ledger file; repair its head record in Redis"),
     "plot": ("plot_cmd", "draw a job's reward and retention curves from its ledger (PNG)"),
     "replay": ("replay_cmd", "rebuild a job's model state from its base model and ledger file; print its hash"),
+    "snapshot": ("snapshot_cmd", "write a job's state at a checkpointed iteration, replayed from its ledger, for workers joining late"),
     "status": ("status_cmd", "show a job at a glance: progress, rewards, retention, workers (live from its coordinator or from Redis)"),
     "worker": ("worker_cmd", "run a worker: evaluate members for a coordinator on this machine's CPU or GPU"),
 }

@@ -11,9 +11,8 @@ from swarmtune.cli import CommandError
 from swarmtune.cli.client_common import add_source_arguments, base_model_dir, read_stored, replay_bar
 
 if TYPE_CHECKING:
-    from torch import nn
-
     from swarmtune.entries import Genesis
+    from swarmtune.replay import Replica
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,13 +32,14 @@ def _coordinator_key(text: str | None) -> bytes | None:
         raise CommandError("--coordinator-key must be 64 hex digits (as printed by `swarmtune keygen --json`)") from None
 
 
-def _base_model(model: str | None, genesis: Genesis) -> nn.Module:
-    from swarmtune.models import load_model
+def _base_replica(model: str | None, genesis: Genesis) -> Replica:
+    """The replica at iteration 0, read tensor by tensor from the base model's safetensors files (others are loaded)."""
+    from swarmtune.replay import replica_from_files
 
     try:
-        return load_model(base_model_dir(model, genesis))[0]
+        return replica_from_files(base_model_dir(model, genesis), genesis)
     except (OSError, ValueError) as exc:
-        raise CommandError(f"cannot load the base model: {exc}") from None
+        raise CommandError(f"cannot read the base model: {exc}") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -50,8 +50,8 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError("--model is the base model to replay from: add --replay")
     key = _coordinator_key(args.coordinator_key)
     stored = read_stored(args)
-    # Loaded from the genesis the audit verified: without a sound genesis there is nothing to replay.
-    model = partial(_base_model, args.model) if args.replay else None
+    # Read once the audit has verified genesis: without a sound genesis there is nothing to replay.
+    model = partial(_base_replica, args.model) if args.replay else None
     with replay_bar(args.replay) as on_iteration:
         try:
             report = audit(stored, model, on_iteration, key)

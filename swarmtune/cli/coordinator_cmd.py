@@ -28,6 +28,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     enrollment = parser.add_mutually_exclusive_group()
     enrollment.add_argument("--admit", nargs="+", default=[], metavar="KEY", help="worker public keys (hex, or files holding one or a worker's key PEM)")
     enrollment.add_argument("--open-enrollment", action="store_true", help="admit every worker that joins (use redundancy >= 2)")
+    parser.add_argument(
+        "--referee", nargs="+", default=[], metavar="KEY",
+        help="keys of your own trusted workers, admitted as referees: they re-evaluate disputed and spot-checked "
+        "members, their reward settles a member, and only disagreeing with them earns strikes (see docs/SECURITY.md)",
+    )  # fmt: skip
     parser.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
     parser.add_argument(
         "--metrics-host", default="127.0.0.1",
@@ -113,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
 
     logs.configure(args.log_json)
     if not args.admit and not args.open_enrollment:
-        raise CommandError("no worker could join: pass --admit KEY... or --open-enrollment")
+        raise CommandError("no worker could join: pass --admit KEY... or --open-enrollment (--referee keys only re-evaluate)")
     if args.redis_url and args.key is None:
         raise CommandError("with --redis-url, pass --key FILE (the coordinator key that signs this job's ledger)")
     if args.lease_ttl < MIN_LEASE_TTL_S:
@@ -137,6 +142,7 @@ def run(args: argparse.Namespace) -> int:
         serve_after=args.serve_after,
         open_enrollment=args.open_enrollment,
         admit=admitted,
+        referees=tuple(parse_public_key(text) for text in args.referee),
         min_workers=args.min_workers,
     )
     try:

@@ -18,19 +18,20 @@ def run(args: argparse.Namespace) -> int:
     if not args.model.startswith("builtin:") and not Path(args.model).is_dir():
         raise CommandError(f"{args.model} is not a directory; pass a local model directory (config.json + weights)")
 
-    from transformers import AutoModelForCausalLM
+    from swarmtune.models import ModelResolutionError, resolve_model
+    from swarmtune.statefiles import StateFileError, genesis_base_state
 
-    from swarmtune import state
-    from swarmtune.models import resolve_model
-
-    path = resolve_model(args.model)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype="auto")
-    master = state.master_from_model(model, state.build_plan(model, "dense"))
-    digest = state.state_hash(master).hex()
+    try:
+        path = resolve_model(args.model)
+        # Streamed from the safetensors files: no state is held, whatever the model's size.
+        base = genesis_base_state(path, "dense", "frozen")
+    except (ModelResolutionError, StateFileError, OSError) as exc:
+        raise CommandError(f"cannot hash {args.model}: {exc}") from None
+    digest = base.state_hash.hex()
     if args.json:
-        params = sum(spec.numel for spec in master.specs)
-        print(json.dumps({"model": str(path), "state_hash": digest, "tensors": len(master.specs), "parameters": params,
-                          "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}))
+        params = sum(spec.numel for spec in base.plan)
+        print(json.dumps({"model": str(path), "state_hash": digest, "tensors": len(base.plan), "parameters": params,
+                          "dtype": str(base.dtype).removeprefix("torch.")}))
     else:
         print(digest)
     return 0

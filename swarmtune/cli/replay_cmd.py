@@ -31,9 +31,10 @@ def _printer(as_json: bool) -> Callable[[dict[str, Any]], None]:
 
 def run(args: argparse.Namespace) -> int:
     from swarmtune import ledger, ledgerfile
+    from swarmtune.entries import Genesis
     from swarmtune.jobspec import JobSpecError
-    from swarmtune.models import ModelResolutionError, load_model, resolve_model
-    from swarmtune.replay import ReplayError, genesis_spec, replay
+    from swarmtune.models import ModelResolutionError, resolve_model
+    from swarmtune.replay import ReplayError, genesis_spec, replay_replica, replica_from_files
 
     try:
         verified = [entry for _, entry in ledger.walk(ledgerfile.read(args.ledger))]
@@ -43,10 +44,16 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(f"{args.ledger} does not verify: {exc}; run `swarmtune ledger verify` for a report") from None
     if not verified:
         raise CommandError(f"{args.ledger} holds no entries; export the ledger of a started job")
+    genesis = verified[0].entry.body
+    if not isinstance(genesis, Genesis):
+        raise CommandError(f"{args.ledger} does not start with a genesis entry; export the whole ledger")
     try:
-        model, _ = load_model(resolve_model(args.model or genesis_spec(verified[0].entry.body).model))  # type: ignore[arg-type]
+        # Read tensor by tensor from the base model's safetensors files, never loaded whole (others are loaded).
+        replica = replica_from_files(resolve_model(args.model or genesis_spec(genesis).model), genesis)
     except (ModelResolutionError, JobSpecError, OSError) as exc:
-        raise CommandError(f"cannot load the base model: {exc}") from None
+        raise CommandError(f"cannot read the base model: {exc}") from None
+    except ReplayError as exc:
+        raise CommandError(str(exc)) from None
     emit = _printer(args.json)
     with replay_bar() as advance_bar:
 
@@ -56,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
                 emit({"iteration": replica.iteration, "state_hash": replica.state_hash().hex()})
 
         try:
-            result = replay(model, verified, args.until, on_iteration)
+            result = replay_replica(replica, verified, args.until, on_iteration)
         except ReplayError as exc:
             raise CommandError(str(exc)) from None
     emit(

@@ -7,16 +7,18 @@ from typing import Any, Callable, Sequence, Union, cast
 
 from torch import nn
 
-from swarmtune import entries, identity, ledger, seeds, shaping
-from swarmtune.entries import Checkpoint, Genesis, Iteration, Signed, StoredEntry
+from swarmtune import entries, identity, ledger, shaping
+from swarmtune.client.judging import Judging
+from swarmtune.entries import Checkpoint, Genesis, Iteration, NoisePlan, Signed, StoredEntry
 from swarmtune.fixedpoint import FixedPointOverflow
 from swarmtune.jobspec import JobSpec, JobSpecError, parse_job_spec
 from swarmtune.ledger import Problem
 from swarmtune.noise import NOISE_VERSION
-from swarmtune.replay import OnIteration, replica_from_genesis
+from swarmtune.replay import OnIteration, Replica, replica_from_genesis
 
-# The job's base model, or what loads it from the verified genesis (only once the audit gets that far).
-BaseModel = Union[nn.Module, Callable[[Genesis], nn.Module]]
+# The job's base model, or what loads it (or its replica at iteration 0) from the verified genesis (only
+# once the audit gets that far).
+BaseModel = Union[nn.Module, Callable[[Genesis], Union[nn.Module, Replica]]]
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,7 @@ class AuditReport:
             lines = [f"audit OK: job {self.job_id}, {sound}"]
         lines.append(
             f"  checked: chain, coordinator signatures, {self.worker_signatures} worker signatures, admissions, "
-            "member seeds, coefficients"
+            "member seeds, coefficients, draws, verdicts, spot checks, strikes"
         )
         if self.replayed:
             lines.append(f"  replayed from the base model: {self.attestations_checked} attested or checkpointed hashes match")
@@ -77,12 +79,11 @@ class AuditReport:
 
 def expected_coefficients(body: Iteration, alpha: float) -> tuple[int, ...]:
     """PROTOCOL §3: the rewarded members' recorded rewards, shaped in member order; 0 for the others."""
-    rewarded = {signed.record.member for signed in body.results}
-    positions = [i for i, member in enumerate(body.members) if member.member in rewarded]
-    shaped = shaping.coefficients([body.rewards[i] for i in positions], body.shaping, alpha)
-    expected = [0] * len(body.members)
-    for position, coefficient in zip(positions, shaped):
-        expected[position] = coefficient
+    rewarded = sorted(body.counted[0])
+    shaped = shaping.coefficients([body.rewards[m] for m in rewarded], body.shaping, alpha)
+    expected = [0] * body.plan.population
+    for member, coefficient in zip(rewarded, shaped):
+        expected[member] = coefficient
     return tuple(expected)
 
 
@@ -91,23 +92,17 @@ def coefficient_problem(body: Iteration, spec: JobSpec) -> str | None:
     if body.shaping != spec.shaping:
         return f"shaped with {body.shaping!r}, the job spec says {spec.shaping!r}"
     expected = expected_coefficients(body, spec.alpha)
-    for member, recorded, derived in zip(body.members, body.coefficients, expected):
+    for member, (recorded, derived) in enumerate(zip(body.coefficients, expected)):
         if recorded != derived:
-            return f"member {member.member}'s coefficient is {recorded}; shaping the signed rewards gives {derived}"
+            return f"member {member}'s coefficient is {recorded}; shaping the signed rewards gives {derived}"
     return None
 
 
-def seed_problem(body: Iteration, spec: JobSpec) -> str | None:
-    """Why the recorded members are not the job seed's derivation for this iteration (None if they are)."""
-    derived = seeds.population(spec.job_seed, body.iteration, spec.population, spec.antithetic)
-    if len(body.members) != len(derived):
-        return f"{len(body.members)} members recorded; the job's population is {len(derived)}"
-    for recorded, expected in zip(body.members, derived):
-        if recorded != expected:
-            return (
-                f"member {recorded.member} has seed {recorded.seed} and sign {recorded.sign}; the job seed gives "
-                f"member {expected.member} seed {expected.seed} and sign {expected.sign}"
-            )
+def plan_problem(body: Iteration, spec: JobSpec) -> str | None:
+    """Why the recorded noise plan is not the job's (None if it is): members' seeds derive from it."""
+    derived = NoisePlan(spec.job_seed, spec.population, spec.antithetic)
+    if body.plan != derived:
+        return f"noise plan {body.plan} recorded; the job spec gives {derived}"
     return None
 
 
@@ -130,7 +125,7 @@ def content_problem(entry: StoredEntry, spec: JobSpec | None) -> tuple[JobSpec |
     if isinstance(body, Genesis):
         return genesis_problem(body)
     if isinstance(body, Iteration) and spec is not None:
-        return spec, seed_problem(body, spec) or coefficient_problem(body, spec)
+        return spec, plan_problem(body, spec) or coefficient_problem(body, spec)
     return spec, None
 
 
@@ -151,11 +146,14 @@ class ContentCheck:
         self.spec: JobSpec | None = None
         self.sound: list[StoredEntry] = []
         self.problem: Problem | None = None
+        self.judging = Judging()  # verdicts, spot checks and strikes re-derived (docs/SECURITY.md)
 
     def __call__(self, entry: StoredEntry) -> None:
         if self.problem is not None:
             return
         self.spec, problem = content_problem(entry, self.spec)
+        if not problem and self.spec is not None:
+            problem = self.judging.problem(entry.entry.body, self.spec)
         if problem:
             self.problem = Problem(entry.entry.index, entry.kind, problem)
         else:
@@ -194,13 +192,16 @@ class Replayed:
     checked: int
 
 
-def replay_entries(model: nn.Module, sound: Sequence[StoredEntry], on_iteration: OnIteration | None = None) -> Replayed:
-    """Replay from the base `model`, comparing every attested and checkpointed hash on the way.
+def replay_entries(
+    base: nn.Module | Replica, sound: Sequence[StoredEntry], on_iteration: OnIteration | None = None
+) -> Replayed:
+    """Replay from the base model (loaded, or a replica at iteration 0 read from its files), comparing
+    every attested and checkpointed hash on the way.
 
-    Raises replay.ReplayError when `model` is not the job's base model.
+    Raises replay.ReplayError when `base` is not the job's base model.
     """
     genesis = cast(Genesis, sound[0].entry.body)  # a sound ledger starts with its genesis
-    replica = replica_from_genesis(model, genesis)
+    replica = base if isinstance(base, Replica) else replica_from_genesis(base, genesis)
     needed = attested_iterations(sound)
     hashes = {0: genesis.base_state_hash}
     total = sum(isinstance(e.entry.body, Iteration) for e in sound)

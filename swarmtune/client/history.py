@@ -36,10 +36,8 @@ class IterationPoint:
 
 
 def iteration_point(index: int, timestamp_ms: int, body: Iteration) -> IterationPoint:
-    rewarded = {signed.record.member for signed in body.results}
-    rewards = tuple(reward for member, reward in zip(body.members, body.rewards) if member.member in rewarded)
     figures = tuple(figure for report in body.retention for figure in report.record.figures)
-    return IterationPoint(body.iteration, index, timestamp_ms, len(body.members), rewards, figures, body.alerts)
+    return IterationPoint(body.iteration, index, timestamp_ms, body.plan.population, body.rewarded, figures, body.alerts)
 
 
 def iteration_points(ledger_entries: Iterable[StoredEntry]) -> tuple[IterationPoint, ...]:

@@ -141,7 +141,7 @@ def _ledger_workers(ledger_entries: Sequence[StoredEntry]) -> tuple[WorkerSummar
         if isinstance(body, Genesis):
             accepted.update({key: 0 for key in body.admitted_workers})
         elif isinstance(body, Iteration):
-            accepted.update(signed.record.worker_key for signed in body.results)
+            accepted.update(recorded.batch.worker_key for recorded in body.batches)
         elif isinstance(body, Admission):
             accepted.update({body.worker_key: 0})
             operators[body.worker_key] = body.operator_fingerprint

@@ -1,4 +1,4 @@
-"""Who may take part: the ledger's allowlist, open enrollment and the operator's --admit keys.
+"""Who may take part: the ledger's allowlist, open enrollment, the operator's --admit and --referee keys.
 
 Admissions decide; the job records the Admission entries they ask for.
 """
@@ -10,7 +10,7 @@ from typing import Collection, Iterable
 
 from swarmtune import identity
 from swarmtune.coordinator.limits import Refused
-from swarmtune.entries import Admission
+from swarmtune.entries import ROLE_REFEREE, Admission
 
 
 @dataclass(frozen=True)
@@ -47,4 +47,14 @@ def by_operator(keys: Iterable[bytes], admitted: Collection[bytes], revoked: Col
         Admission(key, "admitted by the operator (--admit)", "")
         for key in dict.fromkeys(keys)
         if key not in admitted and key not in revoked
+    ]
+
+
+def as_referees(keys: Iterable[bytes], referees: Collection[bytes], revoked: Collection[bytes]) -> list[Admission]:
+    """Admission entries with the referee role for the operator's --referee keys (a key already
+    admitted as a worker is promoted), once each; revoked keys stay revoked."""
+    return [
+        Admission(key, "admitted as a referee by the operator (--referee)", "", ROLE_REFEREE)
+        for key in dict.fromkeys(keys)
+        if key not in referees and key not in revoked
     ]

@@ -1,11 +1,13 @@
-"""Who evaluates which member: capacity-weighted, replicas on distinct workers and operators."""
+"""Who evaluates which member: capacity-weighted, replicas on distinct workers and operators, in the draw's order."""
 
 from __future__ import annotations
 
 import heapq
 from collections import deque
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Collection, Mapping, Sequence
+
+from swarmtune.draw import keyed_order, member_rank
 
 
 @dataclass(frozen=True)
@@ -44,15 +46,13 @@ def quotas(slots: int, capacities: Sequence[int], cap: int | None = None) -> lis
     return shares
 
 
-def rotated(candidates: Sequence[Candidate], rotation: int) -> list[Candidate]:
-    """Start the preference order at `rotation`, so surplus workers get turns across iterations."""
-    if not candidates:
-        return []
-    start = rotation % len(candidates)
-    return [*candidates[start:], *candidates[:start]]
+def drawn(candidates: Sequence[Candidate], draw: bytes) -> list[Candidate]:
+    """The candidates in the draw's order: who is preferred depends on nobody's speed or choice."""
+    by_key = {c.key: c for c in candidates}
+    return [by_key[key] for key in keyed_order(draw, by_key)]
 
 
-def assign(members: Sequence[int], candidates: Sequence[Candidate], replicas: int, rotation: int = 0) -> dict[bytes, tuple[int, ...]]:
+def assign(members: Sequence[int], candidates: Sequence[Candidate], replicas: int, draw: bytes = b"") -> dict[bytes, tuple[int, ...]]:
     """Initial assignment of an iteration: member -> up to `replicas` workers of distinct operators.
 
     Each worker's share of the slots follows its capacity and never exceeds it; slots beyond the
@@ -60,7 +60,7 @@ def assign(members: Sequence[int], candidates: Sequence[Candidate], replicas: in
     the constraints the worker with the most unfilled quota goes first. Returns worker key -> its
     members in member order.
     """
-    order = rotated(candidates, rotation)
+    order = drawn(candidates, draw)
     if not order or not members:
         return {}
     k = effective_replicas(replicas, order)
@@ -147,30 +147,32 @@ def reassign(
     holders: Mapping[int, frozenset[bytes]],
     candidates: Sequence[Candidate],
     load: Mapping[bytes, int],
+    draw: bytes = b"",
+    disputed: Collection[int] = frozenset(),
 ) -> dict[bytes, tuple[int, ...]]:
     """Extra holders for members that need them (unassigned, a straggler's, a lost worker's, a disputed one's).
 
-    `needs` is member -> extra holders wanted; a new holder has spare capacity (`load` is what it
-    still owes), never holds the member already and never shares an operator with its holders; the
-    least loaded relative to capacity goes first. Members no candidate can take are left out: the
-    caller retries as workers finish or come.
+    `needs` is member -> extra holders wanted; a new holder never holds the member already and never
+    shares an operator with its holders. Among those eligible the draw decides (`member_rank`), not
+    who answered first: a fast worker is as likely as any to be chosen. A holder needs spare capacity
+    (`load` is what it still owes) except for a `disputed` member, whose extra opinion would otherwise
+    go to whoever is idle - the fastest, which a liar can always be. Members no candidate can take are
+    left out: the caller retries as workers finish or come.
     """
     by_key = {c.key: c for c in candidates}
-    # Only workers with spare capacity can take more; when none has, nothing is scanned.
-    spare = {c.key: c.capacity - load.get(c.key, 0) for c in candidates if load.get(c.key, 0) < c.capacity}
+    spare = {c.key: c.capacity - load.get(c.key, 0) for c in candidates}
     added: dict[bytes, list[int]] = {}
     for member in sorted(needs):
-        if not spare:
-            break
         for _ in range(needs[member]):
             held = holders.get(member, frozenset()) | {key for key, got in added.items() if member in got}
             operators = {by_key[key].operator for key in held if key in by_key}
-            eligible = [by_key[key] for key in spare if key not in held and by_key[key].operator not in operators]
+            eligible = [
+                key for key, room in spare.items()
+                if key not in held and by_key[key].operator not in operators and (room > 0 or member in disputed)
+            ]  # fmt: skip
             if not eligible:
                 break
-            chosen = min(eligible, key=lambda c: (1 - spare[c.key] / c.capacity, -c.capacity))
-            spare[chosen.key] -= 1
-            if not spare[chosen.key]:
-                del spare[chosen.key]
-            added.setdefault(chosen.key, []).append(member)
+            chosen = min(eligible, key=lambda key: (member_rank(draw, member, key), key))
+            spare[chosen] -= 1
+            added.setdefault(chosen, []).append(member)
     return {key: tuple(sorted(members)) for key, members in added.items()}

@@ -35,6 +35,11 @@ def entry_outgoing(index: int, stored: bytes) -> Outgoing:
     return announce(pb.Announcement(entry=pb.LedgerEntry(index=index, stored=stored)), index=index)
 
 
+def compact_outgoing(index: int, digest: bytes) -> Outgoing:
+    """A live iteration entry as workers get it: its signed digest (they fetch the entry to audit it)."""
+    return announce(pb.Announcement(compact=pb.Compact(index=index, digest=digest)), index=index)
+
+
 @dataclass(eq=False)
 class Subscriber:
     key: bytes

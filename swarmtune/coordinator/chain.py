@@ -10,10 +10,10 @@ from typing import Iterable
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from swarmtune import entries, identity, ledger
-from swarmtune.coordinator.close import retention_alerts, verdicts_of
+from swarmtune.coordinator.close import retention_alerts
 from swarmtune.coordinator.figures import RECENT_ITERATIONS, IterationFigures, figures_of
-from swarmtune.coordinator.redundancy import Verdict, strikes, strikes_named
-from swarmtune.entries import Admission, Genesis, Iteration, Revocation, Signed, StoredEntry
+from swarmtune.redundancy import Verdict, strikes, strikes_named, verdicts_of
+from swarmtune.entries import Admission, Checkpoint, Genesis, Iteration, Revocation, Signed, StoredEntry
 from swarmtune.store import LedgerStore
 from swarmtune.wire import ledger_pb2
 
@@ -35,10 +35,12 @@ class History:
     tolerance: float  # the job's redundancy tolerance: strikes are recounted from recorded results
     last_iteration: int = 0
     operators: dict[bytes, str] = field(default_factory=dict)  # from admission entries
+    referees: set[bytes] = field(default_factory=set)  # admitted with the referee role
     strikes: Counter[bytes] = field(default_factory=Counter)  # disagreements with a standing majority
     baselines: dict[str, float] = field(default_factory=dict)  # first value of each retention figure
     attested: dict[bytes, dict[int, bytes]] = field(default_factory=dict)  # key -> iteration -> signed bytes
     figures: deque[IterationFigures] = field(default_factory=lambda: deque(maxlen=RECENT_ITERATIONS))
+    last_checkpoint: int = 0  # iteration of the newest checkpoint entry (0: none)
     # The heads the next iteration may be opened at (PROTOCOL §5.4): the last iteration entry (or
     # genesis) and every entry since; a resumed iteration's head must be one of them.
     open_heads: set[bytes] = field(default_factory=set)
@@ -52,6 +54,10 @@ class History:
         history.open_heads.add(genesis_entry.hash)
         return history
 
+    @property
+    def active_referees(self) -> frozenset[bytes]:
+        return frozenset(self.referees - self.revoked)
+
     def strikes_with(self, verdicts: Iterable[Verdict]) -> Counter[bytes]:
         """The strike counts once these verdicts are recorded too (what a close's revocations go by)."""
         return self.strikes + strikes(verdicts)
@@ -63,13 +69,16 @@ class History:
         if isinstance(body, Iteration):
             self.open_heads.clear()
             self.last_iteration = body.iteration
-            # Recorded results include the dissenting replicas of every standing member.
-            self.strikes.update(strikes(verdicts_of(body.results, frozenset(), self.tolerance).values()))
+            # Recorded results include the dissenting replicas of every standing member (a dissent
+            # needs another replica: members with one cannot have any).
+            self.strikes.update(strikes(verdicts_of(body.replicated(), frozenset(), self.tolerance, self.referees).values()))
             _, self.baselines = retention_alerts(body.retention, self.baselines, 0.0)
             self.figures.append(figures_of(body))
         elif isinstance(body, Admission):
             self.admitted.add(body.worker_key)
             self.operators[body.worker_key] = body.operator_fingerprint
+            if body.role == entries.ROLE_REFEREE:
+                self.referees.add(body.worker_key)
         elif isinstance(body, Revocation):
             self.admitted.discard(body.worker_key)
             self.revoked.add(body.worker_key)
@@ -81,6 +90,8 @@ class History:
         elif isinstance(body, Signed):
             record = body.record
             self.attested.setdefault(record.worker_key, {})[record.iteration] = entries.encode_signed(body)
+        elif isinstance(body, Checkpoint):
+            self.last_checkpoint = max(self.last_checkpoint, body.iteration)
         self.open_heads.add(stored.hash)
 
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
+from typing import Collection, Mapping, Sequence
 
-from swarmtune import shaping
+from swarmtune import batches, identity, shaping
+from swarmtune.batches import Batch, MemberResult, Recorded
 from swarmtune.coordinator.lifecycle import OpenIteration
-from swarmtune.coordinator.redundancy import Verdict, judge
-from swarmtune.entries import Iteration, RetentionReport, Signed, WorkerResult
+from swarmtune.entries import Iteration, RetentionReport, Signed
 from swarmtune.jobspec import JobSpec
+from swarmtune.redundancy import Verdict, to_revoke, verdicts_of, within_minority
 
 
 @dataclass(frozen=True)
@@ -25,48 +26,97 @@ class Closing:
         return tuple(v.reward for _, v in sorted(self.verdicts.items()) if v.reward is not None)
 
 
-def replicas_by_member(results: Iterable[Signed[WorkerResult]], revoked: frozenset[bytes]) -> dict[int, dict[bytes, float]]:
-    """member -> worker key -> reward, leaving out revoked workers (their results stop counting)."""
-    replicas: dict[int, dict[bytes, float]] = {}
-    for signed in results:
-        if signed.record.worker_key not in revoked:
-            replicas.setdefault(signed.record.member, {})[signed.record.worker_key] = signed.record.reward
-    return replicas
+@dataclass(frozen=True)
+class Panel:
+    """Who judges an iteration's members: the job's referees (none: majority rule), the members this
+    iteration spot-checks, and the draw and candidate order the assignment followed (for the entry)."""
+
+    referees: frozenset[bytes] = frozenset()
+    spot: frozenset[int] = frozenset()
+    draw: bytes = b""
+    candidates: tuple[bytes, ...] = ()
 
 
-def verdicts_of(results: Iterable[Signed[WorkerResult]], revoked: frozenset[bytes], tolerance: float) -> dict[int, Verdict]:
-    return {member: judge(replicas, tolerance) for member, replicas in replicas_by_member(results, revoked).items()}
+def dispute_alerts(verdicts: Mapping[int, Verdict], referees: Collection[bytes]) -> tuple[str, ...]:
+    """Without referees a dissent may be an outvoted honest worker: the operator is told each time."""
+    disputed = sorted(m for m, v in verdicts.items() if v.dissenters)
+    if referees or not disputed:
+        return ()
+    return (f"replicas disagreed on members {disputed} and no referee is admitted to settle them; admit one with --referee",)
+
+
+def revocations(
+    closing: Closing, counts: Mapping[bytes, int], threshold: int, referees: frozenset[bytes], revoked: frozenset[bytes], operators: Mapping[bytes, str]
+) -> tuple[list[bytes], tuple[str, ...]]:
+    """Keys this close revokes, and the alerts it raises (PROTOCOL §6.7): without referees, one per
+    close with a dissent, and instead of revoking keys of half or more of the active operators (the
+    operators of the workers whose results it counts: `operators` from the ledger, else the key)."""
+    revoking = to_revoke(counts, threshold, revoked)
+    # Raised from the verdicts before revoking: the dissents that revoke a key are not recorded.
+    raised = dispute_alerts(closing.verdicts, referees)
+    active = {r.batch.worker_key: operators.get(r.batch.worker_key) or r.batch.worker_key.hex() for r in closing.body.batches}
+    if referees or not revoking or within_minority(revoking, active):
+        return revoking, raised
+    who = sorted(identity.fingerprint(key) for key in revoking)
+    withheld = (
+        f"workers {who} reached {threshold} strikes, half or more of the {len(set(active.values()))} active operators: "
+        "none revoked, since without referees the majority may be the liars; admit a referee (--referee)"
+    )
+    return [], (*raised, withheld)
+
+
+def recorded_batches(counted: Sequence[MemberResult], source: Mapping[tuple[bytes, int], Batch]) -> tuple[Recorded, ...]:
+    """The batches the counted results came from, each with the members it does not count (another
+    batch's, unsettled, rejected), in a stable order: by worker key, then first member."""
+    taken: dict[bytes, set[int]] = {}  # batch signature -> members counted from it
+    used: dict[bytes, Batch] = {}
+    for result in counted:
+        batch = source[result.worker_key, result.member]
+        used[batch.signature] = batch
+        taken.setdefault(batch.signature, set()).add(result.member)
+    ordered = sorted(used.values(), key=lambda b: (b.worker_key, b.members[0], b.signature))
+    return tuple(Recorded(b, tuple(m for m in b.members if m not in taken[b.signature])) for b in ordered)
+
+
+def recorded_rewards(body: Iteration) -> dict[bytes, dict[int, float]]:
+    """worker -> member -> reward, as an iteration entry counts them (a late resend of them is a duplicate)."""
+    out: dict[bytes, dict[int, float]] = {}
+    for recorded in body.batches:
+        out.setdefault(recorded.batch.worker_key, {}).update(zip(*recorded.counted()))
+    return out
 
 
 def build_iteration(
     spec: JobSpec,
     open_iteration: OpenIteration,
-    results: Sequence[Signed[WorkerResult]],
+    results: Sequence[MemberResult],
+    source: Mapping[tuple[bytes, int], Batch],
     revoked: frozenset[bytes],
     retention: Sequence[Signed[RetentionReport]] = (),
     alerts: Sequence[str] = (),
+    panel: Panel = Panel(),
 ) -> Closing:
-    """The iteration entry body: every counted result (members without a standing majority and revoked
-    workers are left out), the settled rewards, and shaping's integer coefficients in member order."""
-    verdicts = verdicts_of(results, revoked, spec.redundancy_tolerance)
+    """The iteration entry body: the batches of every counted result (members that did not settle and
+    revoked workers are left out), the settled rewards a reader cannot infer, and shaping's integer
+    coefficients in member order. `source`: the batch each result was accepted from."""
+    verdicts = verdicts_of(results, revoked, spec.redundancy_tolerance, panel.referees, panel.spot)
     standing = {m: v.reward for m, v in verdicts.items() if v.reward is not None}
-    counted = sorted(
-        (r for r in results if r.record.member in standing and r.record.worker_key not in revoked),
-        key=lambda r: (r.record.member, r.record.worker_key),
-    )
-    order = [m.member for m in open_iteration.members if m.member in standing]
+    counted = [r for r in results if r.member in standing and r.worker_key not in revoked]
+    order = sorted(standing)
     shaped = dict(zip(order, shaping.coefficients([standing[m] for m in order], spec.shaping, spec.alpha)))
-    members = open_iteration.members
+    recorded = recorded_batches(counted, source)
     body = Iteration(
         iteration=open_iteration.iteration,
         opened_head=open_iteration.head_hash,
-        members=members,
-        results=tuple(counted),
-        coefficients=tuple(shaped.get(m.member, 0) for m in members),
-        rewards=tuple(float(standing.get(m.member, 0.0)) for m in members),
+        plan=open_iteration.plan,
+        batches=recorded,
+        coefficients=tuple(shaped.get(m, 0) for m in range(spec.population)),
+        disputed=batches.disputed_rewards(batches.tally(recorded)[1], standing),
         shaping=spec.shaping,
         retention=tuple(retention),
         alerts=tuple(alerts),
+        draw=panel.draw,
+        candidates=panel.candidates,
     )
     return Closing(body, {m: v for m, v in verdicts.items() if m in standing})
 

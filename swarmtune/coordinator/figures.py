@@ -21,7 +21,5 @@ class IterationFigures:
 
 
 def figures_of(body: Iteration) -> IterationFigures:
-    rewarded_members = {r.record.member for r in body.results}
-    rewarded = tuple(reward for m, reward in zip(body.members, body.rewards) if m.member in rewarded_members)
     retention = tuple(figure for report in body.retention for figure in report.record.figures)
-    return IterationFigures(body.iteration, len(body.members), rewarded, retention, body.alerts)
+    return IterationFigures(body.iteration, body.plan.population, body.rewarded, retention, body.alerts)

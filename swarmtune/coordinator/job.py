@@ -5,29 +5,31 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, AsyncIterator, Sequence
+from typing import Any, AsyncIterator, Iterable, Sequence
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from swarmtune import identity
 from swarmtune.coordinator import lifecycle, validation
 from swarmtune.coordinator.admissions import Admissions
-from swarmtune.coordinator.broadcast import Broadcaster, End, announce, entry_outgoing
+from swarmtune.coordinator.broadcast import Broadcaster, End, announce, compact_outgoing, entry_outgoing
 from swarmtune.coordinator.chain import Chain, History, now_ms
-from swarmtune.coordinator.close import Closing, build_iteration, retention_alerts
+from swarmtune.coordinator.checkpoints import due_checkpoint
+from swarmtune.coordinator.close import Closing, build_iteration, recorded_rewards, retention_alerts, revocations
 from swarmtune.coordinator.intake import Intake, take
 from swarmtune.coordinator.joining import Gate
 from swarmtune.coordinator.journal import Journal
 from swarmtune.coordinator.limits import Limits, Refused
 from swarmtune.coordinator.metrics import Metrics
-from swarmtune.coordinator.redundancy import revocation_reason, to_revoke
+from swarmtune.redundancy import revocation_reason
 from swarmtune.coordinator.resume import resume
 from swarmtune.coordinator.round import META_FIELD, Round
 from swarmtune.coordinator.scheduling import Scheduler
 from swarmtune.coordinator.sessions import Session
 from swarmtune.coordinator.status import CloseTiming, Observed, WorkerStats, job_status
 from swarmtune.coordinator.validation import Checked
-from swarmtune.entries import Body, Revocation, StoredEntry
+from swarmtune.digest import digest_of, seal_digest
+from swarmtune.entries import Body, Iteration, Revocation, StoredEntry
 from swarmtune.jobspec import JobSpec
 from swarmtune.store import LedgerStore, StoreError
 from swarmtune.wire import service_pb2 as pb
@@ -73,11 +75,11 @@ class Job:
         self._gate = Gate(spec.job_id, limits)
         # streams and who evaluates what
         self._broadcast = Broadcaster(limits.queue_limit)
-        self._scheduler = Scheduler(spec, chain.history, self._gate.sessions, self._broadcast)
+        self._scheduler = Scheduler(spec, chain.history, self._gate.sessions, self._broadcast, key)
         # submissions
         self._reward_range = reward_range
         self._round: Round | None = None
-        self._recorded: dict[bytes, dict[int, bytes]] = {}  # worker -> member -> bytes in the last iteration entry
+        self._recorded: dict[bytes, dict[int, float]] = {}  # worker -> member -> reward in the last iteration entry
         # lifecycle
         self._wake = asyncio.Event()
         self._paused = False
@@ -95,9 +97,11 @@ class Job:
 
     async def start(self) -> None:
         """Resume the open iteration Redis holds (every item in it checked again), or open the next one (or finish)."""
+        self._checkpoint(range(1, self.history.last_iteration + 1))  # one that was due when the last run stopped
         fields = await asyncio.to_thread(self._store.get_open, self.spec.job_id)
         self._round = resume(self.spec, fields, self.history, self._reward_range, now_ms())
         if self._round is not None:
+            self._scheduler.empanel(self._round, self._scheduler.candidates())
             self._opened_once = True
             self.metrics.iteration.set(self._round.open.iteration)
             extra = {"iteration": self._round.open.iteration, "results": self._round.result_count(), "retention": len(self._round.retention)}
@@ -222,16 +226,20 @@ class Job:
     # ---- closing --------------------------------------------------------------------------
 
     def _record(self, body: Body) -> StoredEntry:
-        """Append an entry and announce it, with no await in between (see Chain)."""
+        """Append an entry and announce it, with no await in between (see Chain): an iteration entry by
+        its signed digest (PROTOCOL §6.2), any other whole."""
         stored = self._chain.append(body)
-        self._broadcast.publish(entry_outgoing(stored.entry.index, stored.stored))
+        if isinstance(body, Iteration):
+            self._broadcast.publish(compact_outgoing(stored.entry.index, seal_digest(self._key, digest_of(stored))))
+        else:
+            self._broadcast.publish(entry_outgoing(stored.entry.index, stored.stored))
         return stored
 
-    def _build(self, current: Round) -> Closing:
+    def _build(self, current: Round, raised: tuple[str, ...] = ()) -> Closing:
         revoked = frozenset(self.history.revoked)
         reports = [signed for key, (signed, _) in sorted(current.retention.items()) if key not in revoked]
         alerts, _ = retention_alerts(reports, self.history.baselines, self.spec.retention_alert_threshold)
-        return build_iteration(self.spec, current.open, current.all_results(), revoked, reports, alerts)
+        return build_iteration(self.spec, current.open, current.all_results(), current.source, revoked, reports, (*alerts, *raised), current.panel)
 
     async def _close(self, current: Round) -> None:
         """Revoke whoever the replicas outvoted too often, then shape, seal, append and broadcast."""
@@ -249,7 +257,7 @@ class Job:
         done = now_ms()
         timing = CloseTiming.measured(closing.body.iteration, current.open.opened_ms, settled_ms, done)
         self._observed.timings.append(timing)
-        self._recorded = current.raw_of(closing.body.results)
+        self._recorded = recorded_rewards(closing.body)
         self._round = None
         figures = self.history.figures[-1]
         self.metrics.observe_close(figures, timing)
@@ -264,8 +272,9 @@ class Job:
             },
         )
         if alerts:
-            log.warning("retention alert", extra={"iteration": closing.body.iteration, "alerts": list(alerts)})
-            self._paused = self.spec.pause_on_alert
+            log.warning("alert", extra={"iteration": closing.body.iteration, "alerts": list(alerts)})
+            self.metrics.alerts.inc(len(alerts))
+            self._paused = self.spec.pause_on_alert and any(alert.startswith("retention") for alert in alerts)
         # Let the subscription streams take the entry before the next opening: every worker's
         # verify-and-apply then overlaps the opening instead of following it.
         await asyncio.sleep(0)
@@ -276,17 +285,18 @@ class Job:
         await self._journal.drain()
         closing = self._build(current)
         counts = self.history.strikes_with(closing.verdicts.values())
-        revoking = to_revoke(counts, self.spec.revoke_after, frozenset(self.history.revoked))
+        referees = current.panel.referees
+        revoking, raised = revocations(closing, counts, self.spec.revoke_after, referees, frozenset(self.history.revoked), self.history.operators)
         for key in revoking:
-            self._revoke(key, counts[key])
-        if revoking:  # their results stop counting, in this iteration too
-            closing = self._build(current)
+            self._revoke(key, counts[key], bool(referees))
+        if revoking or raised:  # revoked keys' results stop counting, in this iteration too
+            closing = self._build(current, raised)
         return closing, self._record(closing.body)
 
-    def _revoke(self, key: bytes, count: int) -> None:
+    def _revoke(self, key: bytes, count: int, refereed: bool) -> None:
         workers = self._observed.workers
         operator = self.history.operators.get(key) or (workers[key].operator if key in workers else "")
-        reason = revocation_reason(count, self.spec.revoke_after)
+        reason = revocation_reason(count, self.spec.revoke_after, refereed)
         self._record(Revocation(key, reason, operator))
         self._broadcast.send(key, End("worker key revoked"))
         self._gate.sessions.close(key)
@@ -385,15 +395,15 @@ class Job:
             last_closed=closing.open.iteration if closing else self.history.last_iteration,
             reward_range=self._reward_range,
             # While closing, what the worker sent this iteration is about to be recorded.
-            recorded=closing.accepted_bytes(session.key) if closing else self._recorded.get(session.key, {}),
+            recorded=closing.held_rewards(session.key) if closing else self._recorded.get(session.key, {}),
         )
 
     async def submit(self, request: pb.SubmitRequest) -> pb.SubmitReply:
         session = self._gate.session(request.session, charge=True)
-        self.limits.check_submission(len(request.results), len(request.retention))
+        self.limits.check_submission(len(request.batches), len(request.retention))
         context = self._context(session)
         current = self._round if context.open_iteration is not None else None
-        intake = take(context, current, request.results, request.retention)
+        intake = take(context, current, request.batches, request.retention)
         if current is not None and intake.fields and self._may_close(current, now_ms()):
             await self._acknowledged_by_close(current)
         elif intake.fields:
@@ -449,10 +459,21 @@ class Job:
         if checked.reason == pb.ACCEPTED and checked.signed is not None:
             try:
                 self._record(checked.signed)
+                self._checkpoint([checked.signed.record.iteration])
             except StoreError as exc:
                 raise Refused("UNAVAILABLE", f"the ledger store failed ({exc}); retry later") from None
         self._count(session.key, [checked])
         return pb.AttestReply(status=pb.ItemStatus(reason=checked.reason, detail=checked.detail))
+
+    def _checkpoint(self, iterations: Iterable[int]) -> None:
+        """Append the newest checkpoint the attestations of `iterations` make ready, if any (PROTOCOL §5.9)."""
+        history = self.history
+        spec = self.spec
+        due = due_checkpoint(history.attested, history.admitted, spec.checkpoint_every, spec.checkpoint_quorum, iterations, history.last_checkpoint)
+        if due is not None:
+            stored = self._record(due)
+            extra = {"iteration": due.iteration, "index": stored.entry.index, "state_hash": due.state_hash.hex(), "attestors": len(due.attestations)}
+            log.info("checkpoint", extra=extra)
 
     # ---- status ---------------------------------------------------------------------------
 

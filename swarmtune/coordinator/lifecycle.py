@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, replace
-from types import MappingProxyType
-from typing import Mapping
 
 from swarmtune.jobspec import JobSpec
-from swarmtune.seeds import MemberNoise, population
+from swarmtune.seeds import NoisePlan
 
 
 @dataclass(frozen=True)
@@ -18,11 +16,15 @@ class OpenIteration:
 
     iteration: int
     head_hash: bytes
-    members: tuple[MemberNoise, ...]
-    seeds: Mapping[int, int]  # member -> seed, for validating results
+    plan: NoisePlan
     opened_ms: int
     deadline_ms: int
     straggle_ms: int  # from here on, idle workers also take members whose holders have not answered
+
+    @property
+    def numbers(self) -> range:
+        """The member numbers 0..population-1 (results name members; their seeds are the workers' to derive)."""
+        return range(self.plan.population)
 
 
 def deadline_span_ms(spec: JobSpec) -> int:
@@ -31,12 +33,10 @@ def deadline_span_ms(spec: JobSpec) -> int:
 
 def open_iteration(spec: JobSpec, iteration: int, head_hash: bytes, now_ms: int) -> OpenIteration:
     """Iteration t's members are a pure function of (job seed, t): every site derives the same seeds."""
-    members = population(spec.job_seed, iteration, spec.population, spec.antithetic)
     return OpenIteration(
         iteration=iteration,
         head_hash=head_hash,
-        members=members,
-        seeds=MappingProxyType({m.member: m.seed for m in members}),
+        plan=NoisePlan(spec.job_seed, spec.population, spec.antithetic),
         opened_ms=now_ms,
         deadline_ms=now_ms + deadline_span_ms(spec),
         straggle_ms=now_ms + deadline_span_ms(spec) // 2,

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 class Limits:
     """Bounds that keep one worker (or a crowd of them) from exhausting the coordinator."""
 
-    max_results_per_call: int = 4096  # a 2 MiB request holds this many ~170-byte results with room to spare
+    max_batches_per_call: int = 4096  # result batches (a worker sends one or a few per call)
     max_retention_per_call: int = 16
     calls_per_s: float = 100.0  # per worker: submissions and attestations together (a fast worker makes ~2 an iteration)
     call_burst: float = 200.0
@@ -19,12 +19,12 @@ class Limits:
     challenge_lifetime_s: float = 60.0
     queue_limit: int = 1024  # unread announcements before a subscriber is cut loose
 
-    def check_submission(self, results: int, retention: int) -> None:
+    def check_submission(self, batches: int, retention: int) -> None:
         """Refuse a submission of more items than one call may carry."""
-        if results > self.max_results_per_call or retention > self.max_retention_per_call:
+        if batches > self.max_batches_per_call or retention > self.max_retention_per_call:
             raise Refused(
                 "INVALID_ARGUMENT",
-                f"at most {self.max_results_per_call} results and {self.max_retention_per_call} retention reports per call; split the batch",
+                f"at most {self.max_batches_per_call} result batches and {self.max_retention_per_call} retention reports per call; split the submission",
             )
 
 

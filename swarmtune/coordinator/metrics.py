@@ -25,6 +25,7 @@ class Metrics:
         self.results_accepted = Counter("swarmtune_results_accepted", "Signed results accepted", registry=r)
         self.rejects = Counter("swarmtune_rejects", "Submitted items rejected, by reason", ["reason"], registry=r)
         self.revocations = Counter("swarmtune_revocations", "Worker keys revoked for disagreeing", registry=r)
+        self.alerts = Counter("swarmtune_alerts", "Alerts recorded in iteration entries (retention, disputes, withheld revocations)", registry=r)
         self.close_seconds = Histogram(
             "swarmtune_close_seconds", "Last needed result -> iteration entry appended", buckets=CLOSE_BUCKETS, registry=r
         )

@@ -7,18 +7,16 @@ import logging
 from dataclasses import replace
 from typing import Any, Mapping
 
-from swarmtune import identity
+from swarmtune import batches, identity
 from swarmtune.coordinator import lifecycle, validation
 from swarmtune.coordinator.chain import History
 from swarmtune.coordinator.lifecycle import OpenIteration
-from swarmtune.coordinator.round import META_FIELD, RESULT_PREFIX, RETENTION_PREFIX, Round, result_field
+from swarmtune.coordinator.round import BATCH_PREFIX, META_FIELD, RETENTION_PREFIX, Round, batch_field
 from swarmtune.entries import HASH_BYTES
 from swarmtune.jobspec import JobSpec
 from swarmtune.wire import service_pb2 as pb
 
 log = logging.getLogger("swarmtune.coordinator")
-
-MEMBER_BYTES = 4  # the u32le member number that ends a result field's name
 
 
 def resumable(spec: JobSpec, meta: bytes, history: History, now_ms: int) -> OpenIteration | str:
@@ -37,51 +35,65 @@ def resumable(spec: JobSpec, meta: bytes, history: History, now_ms: int) -> Open
 
 def restore(context: validation.Context, current: Round, fields: Mapping[bytes, bytes], retention_due: bool) -> None:
     """Take back the items stored in the open-iteration hash, each checked (validation.py) as a fresh
-    submission of the worker its field names, at the ledger's admissions and revocations; items that
-    fail are dropped and logged with their reason. `context` is the open iteration's (any worker key)."""
+    submission of the worker that signed it, at the ledger's admissions and revocations; items (or
+    batch members) that fail are dropped and logged with their reason. `context` is the open
+    iteration's (any worker key)."""
     for name, data in sorted(fields.items()):
         if name == META_FIELD:
             continue
-        checked = _check(context, current, name, data, retention_due)
-        if checked.reason != pb.ACCEPTED or checked.signed is None:
-            _log_dropped(current.open.iteration, name, checked)
+        if name.startswith(BATCH_PREFIX):
+            _restore_batch(context, current, name, data)
             continue
-        record = checked.signed.record
-        if name.startswith(RESULT_PREFIX):
-            current.accept(checked.signed, data)
-            current.give(record.worker_key, [record.member])
-        else:
-            current.retention[record.worker_key] = (checked.signed, data)
+        checked = _check_retention(context, current, name, data, retention_due)
+        if checked.reason != pb.ACCEPTED or checked.signed is None:
+            item = "retention report" if name.startswith(RETENTION_PREFIX) else "field"
+            _log_dropped(current.open.iteration, item, name[1 : 1 + HASH_BYTES], checked.reason, checked.detail)
+            continue
+        current.retention[checked.signed.record.worker_key] = (checked.signed, data)
 
 
-def _check(context: validation.Context, current: Round, name: bytes, data: bytes, retention_due: bool) -> validation.Checked[Any]:
-    """One stored item, judged as if its worker (the one its field names) submitted it now."""
-    key = name[1 : 1 + HASH_BYTES]
-    as_submitted = replace(context, worker_key=key)
-    if name.startswith(RESULT_PREFIX) and len(name) == 1 + HASH_BYTES + MEMBER_BYTES:
-        # Which members a worker was given is not stored (it depended on who was connected): any
-        # member of the iteration may be held. Settledness is not re-judged: an accepted replica stays.
-        checked = validation.check_result(as_submitted, data, current.open.seeds, current.accepted_bytes(key), ())
-        if checked.signed is not None and name != result_field(key, checked.signed.record.member):
-            return validation.Checked(pb.MALFORMED, f"stored under member {int.from_bytes(name[-MEMBER_BYTES:], 'little')}'s field")
-        return checked
+def _restore_batch(context: validation.Context, current: Round, name: bytes, data: bytes) -> None:
+    """A stored batch, judged as if the worker that signed it submitted it now. Which members a worker
+    was given is not stored (it depended on who was connected): any member of the iteration may be
+    held. Settledness is not re-judged: an accepted replica stays."""
+    iteration = current.open.iteration
+    try:
+        key = batches.decode_batch(data).worker_key
+    except batches.BatchError as exc:
+        _log_dropped(iteration, "result batch", b"", pb.MALFORMED, str(exc))
+        return
+    checked = validation.check_batch(replace(context, worker_key=key), data, current.open.numbers, current.held_rewards(key), ())
+    if checked.batch is not None and name != batch_field(checked.batch):
+        _log_dropped(iteration, "result batch", key, pb.MALFORMED, "stored under another batch's field")
+        return
+    if checked.batch is None or checked.reason != pb.ACCEPTED:
+        _log_dropped(iteration, "result batch", key, checked.reason, checked.detail)
+        return
+    for member, status in zip(checked.batch.members, checked.members):
+        if status.reason not in (pb.ACCEPTED, pb.DUPLICATE):
+            _log_dropped(iteration, "result", key, status.reason, f"member {member}: {status.detail}")
+    current.accept(checked.batch, checked.accepted)
+    current.give(key, checked.accepted)
+
+
+def _check_retention(context: validation.Context, current: Round, name: bytes, data: bytes, retention_due: bool) -> validation.Checked[Any]:
+    """A stored retention report, judged as if its worker (the one its field names) submitted it now."""
     if name.startswith(RETENTION_PREFIX) and len(name) == 1 + HASH_BYTES:
         # One worker is asked per iteration where retention is due: the first report that passes.
+        as_submitted = replace(context, worker_key=name[1:])
         return validation.check_retention(as_submitted, data, retention_due and not current.retention, None)
     return validation.Checked(pb.MALFORMED, "not a field the coordinator writes")
 
 
-def _log_dropped(iteration: int, name: bytes, checked: validation.Checked[Any]) -> None:
-    kind = {RESULT_PREFIX: "result", RETENTION_PREFIX: "retention report"}.get(name[:1], "field")
-    key = name[1 : 1 + HASH_BYTES]
+def _log_dropped(iteration: int, item: str, key: bytes, reason: int, detail: str) -> None:
     log.warning(
         "dropped a stored item of the open iteration",
         extra={
             "iteration": iteration,
-            "item": kind,
+            "item": item,
             "worker": identity.fingerprint(key) if len(key) == HASH_BYTES else "-",
-            "reason": pb.Reason.Name(checked.reason),
-            "detail": checked.detail,
+            "reason": pb.Reason.Name(reason),
+            "detail": detail,
         },
     )
 

@@ -5,19 +5,21 @@ from __future__ import annotations
 import asyncio
 from typing import Collection, Iterable, Mapping
 
+from swarmtune.batches import Batch, MemberResult
+from swarmtune.coordinator.close import Panel
 from swarmtune.coordinator.lifecycle import OpenIteration
-from swarmtune.coordinator.redundancy import settled, wanted
-from swarmtune.entries import RetentionReport, Signed, WorkerResult
+from swarmtune.entries import RetentionReport, Signed
+from swarmtune.redundancy import needs_referee, settled, wanted
 
 # Fields of the open-iteration hash in Redis (store.get_open/put_open): the meta record, then one
-# field per accepted item holding its exact submitted bytes.
+# field per batch a member was accepted from, and per retention report, holding its exact submitted bytes.
 META_FIELD = b"meta"
-RESULT_PREFIX = b"r"
+BATCH_PREFIX = b"b"
 RETENTION_PREFIX = b"t"
 
 
-def result_field(key: bytes, member: int) -> bytes:
-    return RESULT_PREFIX + key + member.to_bytes(4, "little")
+def batch_field(batch: Batch) -> bytes:
+    return BATCH_PREFIX + batch.signature
 
 
 def retention_field(key: bytes) -> bytes:
@@ -31,8 +33,9 @@ class Round:
         self.open = open_iteration
         self.target = target  # replicas each member needs (redundancy, capped by distinct operators)
         self.tolerance = tolerance
-        self.results: dict[bytes, dict[int, Signed[WorkerResult]]] = {}  # worker -> member -> result
-        self.raw: dict[bytes, dict[int, bytes]] = {}  # worker -> member -> submitted bytes
+        self.panel = Panel()  # referees, spot checks and the draw (see `empanel`)
+        self.held: dict[bytes, dict[int, float]] = {}  # worker -> member -> accepted reward
+        self.source: dict[tuple[bytes, int], Batch] = {}  # (worker, member) -> the batch it was accepted from
         self.replicas: dict[int, dict[bytes, float]] = {}  # member -> worker -> reward
         self.settled: set[int] = set()
         self.assigned: dict[bytes, set[int]] = {}  # every member ever given to a worker this iteration
@@ -40,7 +43,7 @@ class Round:
         self.retention: dict[bytes, tuple[Signed[RetentionReport], bytes]] = {}
         self.retention_worker: bytes | None = None
         self.stolen: set[int] = set()  # members given an extra holder since the straggle point
-        self.wanting: set[int] = set(open_iteration.seeds)  # members that may lack holders (checked lazily)
+        self.wanting: set[int] = set(open_iteration.numbers)  # members that may lack holders (checked lazily)
         self.opened_bytes: bytes | None = None  # serialized common part of IterationOpened
         self.closing = False
         self.settled_ms: int | None = None  # when the last needed result arrived
@@ -50,53 +53,59 @@ class Round:
 
     # ---- results --------------------------------------------------------------------------
 
-    def accepted_bytes(self, key: bytes) -> Mapping[int, bytes]:
-        """member -> the result bytes accepted from this worker."""
-        return self.raw.get(key, {})
+    def held_rewards(self, key: bytes) -> Mapping[int, float]:
+        """member -> the reward accepted from this worker."""
+        return self.held.get(key, {})
 
-    def accept(self, signed: Signed[WorkerResult], data: bytes) -> None:
-        key, member = signed.record.worker_key, signed.record.member
-        self.results.setdefault(key, {})[member] = signed
-        self.raw.setdefault(key, {})[member] = data
-        self.replicas.setdefault(member, {})[key] = signed.record.reward
-        self._resettle(member)
-        if member not in self.settled and len(self.replicas[member]) >= self.target:
-            self.wanting.add(member)  # disputed: it wants another opinion
+    def accept(self, batch: Batch, members: Iterable[int]) -> None:
+        """Take these members of `batch` (checked: validation.check_batch)."""
+        key = batch.worker_key
+        held = self.held.setdefault(key, {})
+        rewards = dict(zip(batch.members, batch.rewards))
+        for member in members:
+            reward = rewards[member]
+            held[member] = reward
+            self.source[key, member] = batch
+            self.replicas.setdefault(member, {})[key] = reward
+            self._resettle(member)
+            if member not in self.settled and len(self.replicas[member]) >= self.target:
+                self.wanting.add(member)  # disputed: it wants another opinion
 
-    def withdraw(self, signed: Signed[WorkerResult]) -> None:
-        """Undo `accept` (the result could not be stored, so it was never acknowledged)."""
-        key, member = signed.record.worker_key, signed.record.member
-        del self.results[key][member], self.raw[key][member], self.replicas[member][key]
-        self._resettle(member)
-        self.wanting.add(member)
+    def withdraw(self, batch: Batch, members: Iterable[int]) -> None:
+        """Undo `accept` (the batch could not be stored, so it was never acknowledged)."""
+        key = batch.worker_key
+        for member in members:
+            del self.held[key][member], self.source[key, member], self.replicas[member][key]
+            self._resettle(member)
+            self.wanting.add(member)
+
+    def empanel(self, panel: Panel) -> None:
+        """Judge under these referees and spot checks from now on: re-judge every member."""
+        self.panel = panel
+        for member in self.open.numbers:
+            self._resettle(member)
+        self.wanting.update(self.open.numbers)
 
     def retarget(self, target: int) -> None:
         """Replicas needed changed (distinct operators came or went): re-judge every member."""
         if target != self.target:
             self.target = target
-            for member in self.open.seeds:
+            for member in self.open.numbers:
                 self._resettle(member)
-            self.wanting.update(self.open.seeds)
+            self.wanting.update(self.open.numbers)
 
     def _resettle(self, member: int) -> None:
-        if settled(self.replicas.get(member, {}), self.target, self.tolerance):
+        panel = self.panel
+        if settled(self.replicas.get(member, {}), self.target, self.tolerance, panel.referees, member in panel.spot):
             self.settled.add(member)
         else:
             self.settled.discard(member)
 
-    def raw_of(self, results: Iterable[Signed[WorkerResult]]) -> dict[bytes, dict[int, bytes]]:
-        """worker -> member -> the accepted bytes of these results."""
-        out: dict[bytes, dict[int, bytes]] = {}
-        for signed in results:
-            key, member = signed.record.worker_key, signed.record.member
-            out.setdefault(key, {})[member] = self.raw[key][member]
-        return out
-
-    def all_results(self, excluded: Collection[bytes] = ()) -> list[Signed[WorkerResult]]:
-        return [r for key, got in self.results.items() if key not in excluded for r in got.values()]
+    def all_results(self, excluded: Collection[bytes] = ()) -> list[MemberResult]:
+        return [MemberResult(key, m, r) for key, got in self.held.items() if key not in excluded for m, r in got.items()]
 
     def result_count(self) -> int:
-        return sum(len(got) for got in self.results.values())
+        return sum(len(got) for got in self.held.values())
 
     # ---- assignment -----------------------------------------------------------------------
 
@@ -107,7 +116,7 @@ class Round:
 
     def pending(self, key: bytes) -> list[int]:
         """Members this worker holds and has not answered, in member order."""
-        answered = self.raw.get(key, {})
+        answered = self.held.get(key, {})
         return sorted(m for m in self.assigned.get(key, ()) if key in self.holders.get(m, ()) and m not in answered and m not in self.settled)
 
     def release(self, key: bytes) -> None:
@@ -117,21 +126,34 @@ class Round:
             self.wanting.add(member)
 
     def needs(self) -> dict[int, int]:
-        """member -> extra holders wanted: replicas missing beyond what current holders still owe."""
+        """member -> extra untrusted holders wanted: replicas missing beyond what current holders still owe."""
         out = {}
+        referees = self.panel.referees
         for m in sorted(self.wanting):
-            replicas = self.replicas.get(m, {})
-            owed = sum(1 for k in self.holders.get(m, ()) if k not in replicas)
-            extra = 0 if m in self.settled else wanted(replicas, self.target, self.tolerance) - len(replicas) - owed
+            if not referees and (m in self.settled or not self.replicas.get(m)):
+                # The common case, right after an opening: settled, or every holder still owes.
+                extra = 0 if m in self.settled else self.target - len(self.holders.get(m, ()))
+            else:
+                replicas = {k: r for k, r in self.replicas.get(m, {}).items() if k not in referees}
+                owed = sum(1 for k in self.holders.get(m, ()) if k not in replicas and k not in referees)
+                extra = 0 if m in self.settled else wanted(replicas, self.target, self.tolerance, referees) - len(replicas) - owed
             if extra > 0:
                 out[m] = extra
-            else:
+            elif not self._wants_referee(m):
                 self.wanting.discard(m)
         return out
 
+    def referee_needs(self) -> dict[int, int]:
+        """member -> 1 for members a referee must re-evaluate that no referee holds yet."""
+        return {m: 1 for m in sorted(self.wanting) if self._wants_referee(m) and not self.holders.get(m, set()) & self.panel.referees}
+
+    def _wants_referee(self, member: int) -> bool:
+        panel = self.panel
+        return member not in self.settled and needs_referee(self.replicas.get(member, {}), self.tolerance, panel.referees, member in panel.spot)
+
     def straggling(self) -> dict[int, int]:
         """Members still owed by someone, not yet given an extra holder since the straggle point."""
-        return {m: 1 for m in self.open.seeds if m not in self.settled and m not in self.stolen and self.holders.get(m)}
+        return {m: 1 for m in self.open.numbers if m not in self.settled and m not in self.stolen and self.holders.get(m)}
 
     def load(self, key: bytes) -> int:
         return len(self.pending(key))

@@ -6,35 +6,54 @@ from __future__ import annotations
 import logging
 from typing import Sequence
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from swarmtune import draw, entries
 from swarmtune.coordinator import assignment
 from swarmtune.coordinator.broadcast import Broadcaster, Outgoing, announce
 from swarmtune.coordinator.chain import History, now_ms
+from swarmtune.coordinator.close import Panel
 from swarmtune.coordinator.lifecycle import OpenIteration
 from swarmtune.coordinator.round import Round
 from swarmtune.coordinator.sessions import Sessions
 from swarmtune.jobspec import JobSpec
-from swarmtune.wire import ledger_pb2
+from swarmtune.entries import NoisePlan
 from swarmtune.wire import service_pb2 as pb
 
 log = logging.getLogger("swarmtune.coordinator")
 
 
 class Scheduler:
-    """Assigns the open round's members to connected, non-revoked workers and announces them."""
+    """Assigns the open round's members to connected, non-revoked workers (in the order the iteration's
+    draw gives them), sends referees what they must re-evaluate, and announces it all."""
 
-    def __init__(self, spec: JobSpec, history: History, sessions: Sessions, broadcast: Broadcaster) -> None:
+    def __init__(self, spec: JobSpec, history: History, sessions: Sessions, broadcast: Broadcaster, key: Ed25519PrivateKey) -> None:
         self._spec = spec
         self._history = history
         self._sessions = sessions
         self._broadcast = broadcast
+        self._key = key
 
-    def candidates(self) -> list[assignment.Candidate]:
+    def _connected(self, referees: bool) -> list[assignment.Candidate]:
         out = []
         for key in self._broadcast.connected():
             session = self._sessions.current(key)
-            if session is not None and key not in self._history.revoked:
+            if session is not None and key not in self._history.revoked and (key in self._history.referees) == referees:
                 out.append(assignment.Candidate(key, session.operator, session.capacity))
         return out
+
+    def candidates(self) -> list[assignment.Candidate]:
+        """Untrusted workers that can take members (referees only re-evaluate)."""
+        return self._connected(referees=False)
+
+    def empanel(self, current: Round, candidates: Sequence[assignment.Candidate]) -> None:
+        """The round's draw, candidate order, referees and spot checks (a pure function of the opened
+        iteration and who is connected, so a resumed round gets the same draw)."""
+        opened = current.open
+        drawn = draw.make_draw(self._key, self._spec.job_id, opened.iteration, opened.head_hash)
+        referees = self._history.active_referees
+        spot = draw.spot_checks(drawn, opened.numbers, self._spec.spot_check) if referees else frozenset()
+        current.empanel(Panel(referees, spot, drawn, tuple(draw.keyed_order(drawn, (c.key for c in candidates)))))
 
     def _target(self, candidates: Sequence[assignment.Candidate]) -> int:
         """Replicas per member: k, capped by the distinct operators connected (k while none is)."""
@@ -45,9 +64,11 @@ class Scheduler:
         candidates = self.candidates()
         target = self._target(candidates)
         current = Round(opened, target, self._spec.redundancy_tolerance)
-        members = [m.member for m in opened.members]
-        for key, assigned in assignment.assign(members, candidates, target, rotation=opened.iteration).items():
+        self.empanel(current, candidates)
+        members = list(opened.numbers)
+        for key, assigned in assignment.assign(members, candidates, target, current.panel.draw).items():
             current.give(key, assigned)
+        self._give_referees(current, {})
         if self._spec.retention_due(opened.iteration) and candidates:
             current.retention_worker = min(candidates, key=lambda c: (current.load(c.key), c.key)).key
         for key in self._broadcast.connected():
@@ -63,7 +84,7 @@ class Scheduler:
             common = pb.IterationOpened(
                 iteration=opened.iteration,
                 head_hash=opened.head_hash,
-                members=[ledger_pb2.MemberNoise(member=m.member, seed=m.seed, sign=m.sign) for m in opened.members],
+                plan=entries.plan_to_pb(NoisePlan(self._spec.job_seed, self._spec.population, self._spec.antithetic)),
             )
             current.opened_bytes = pb.Announcement(opened=common).SerializeToString()
         own = pb.IterationOpened(
@@ -90,19 +111,25 @@ class Scheduler:
         straggling = current.straggling() if now_ms() >= current.open.straggle_ms else {}
         connected = {c.key for c in candidates}
         retention_moved = self._move_retention(current, connected)
-        if not needs and not straggling and not retention_moved:
+        if not needs and not straggling and not retention_moved and not current.referee_needs():
             return
         load = {c.key: current.load(c.key) for c in candidates}
         holders = {m: frozenset(current.holders.get(m, ())) for m in {*needs, *straggling}}
-        added = assignment.reassign(needs, holders, candidates, load)
+        drawn = current.panel.draw
+        disputed = {m for m in needs if len(current.replicas.get(m, {})) >= current.target}
+        added = assignment.reassign(needs, holders, candidates, load, drawn, disputed)
         if straggling:
+            # Only members nobody answered yet are stolen: an idle worker is the fastest one, and a
+            # second opinion from it on an answered member would let fast colluders vote together.
+            unanswered = {m: n for m, n in straggling.items() if not current.replicas.get(m)}
             idle = [c for c in candidates if load[c.key] == 0 and c.key not in added]
-            stolen = assignment.reassign(straggling, holders, idle, load)
+            stolen = assignment.reassign(unanswered, holders, idle, load, drawn)
             for key, members in stolen.items():
                 current.stolen.update(members)
                 added[key] = tuple(sorted({*added.get(key, ()), *members}))
         for key, members in added.items():
             current.give(key, members)
+        self._give_referees(current, added)
         for key in set(added) | ({retention_moved} if retention_moved else set()):
             if self._broadcast.announced(key, current.open.iteration):
                 message = pb.Reassignment(
@@ -114,6 +141,19 @@ class Scheduler:
                 self._broadcast.send(key, announce(pb.Announcement(reassigned=message)))
         if added:
             log.info("members re-assigned", extra={"iteration": current.open.iteration, "members": sum(map(len, added.values()))})
+
+    def _give_referees(self, current: Round, added: dict[bytes, tuple[int, ...]]) -> None:
+        """Members a referee must re-evaluate (spot-checked or disputed) go to connected referees, in the
+        draw's order within their capacity; `added` collects them for the announcement."""
+        needs = current.referee_needs()
+        referees = self._connected(referees=True)
+        if not needs or not referees:
+            return
+        load = {c.key: current.load(c.key) for c in referees}
+        holders = {m: frozenset(current.holders.get(m, ())) for m in needs}
+        for key, members in assignment.reassign(needs, holders, referees, load, current.panel.draw).items():
+            current.give(key, members)
+            added[key] = tuple(sorted({*added.get(key, ()), *members}))
 
     def _move_retention(self, current: Round, connected: set[bytes]) -> bytes | None:
         """A new retention worker when the one asked is gone before reporting."""

@@ -15,7 +15,7 @@ import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from swarmtune import entries, identity, ledger
-from swarmtune.coordinator.admissions import Admissions, by_operator
+from swarmtune.coordinator.admissions import Admissions, as_referees, by_operator
 from swarmtune.coordinator.chain import Chain, History, check_genesis, genesis_entry, recover
 from swarmtune.coordinator.job import Job
 from swarmtune.coordinator.lease import Lease, LeaseLost, LeaseTimings, holder_token, kept
@@ -31,10 +31,10 @@ from swarmtune.store import HeadMismatch, LedgerStore, redact
 
 log = logging.getLogger("swarmtune.coordinator")
 
-PROTOCOL_VERSION = "swarmtune/1"
-# A SubmitRequest of Limits.max_results_per_call signed results (~170 bytes each) fits with room.
+PROTOCOL_VERSION = entries.PROTOCOL_VERSION  # what genesis records; the ledger refuses any other
+# A SubmitRequest of result batches (9 bytes a member) for a few thousand members fits with room.
 MAX_RECEIVE_BYTES = 2 * 1024 * 1024
-# Announcements carry whole iteration entries: every signed result of a large population.
+# Announcements replayed to a catching-up worker carry whole iteration entries: every batch of a large population.
 MAX_SEND_BYTES = 128 * 1024 * 1024
 # One subscription per worker plus its unary calls; beyond this, calls queue instead of piling up.
 MAX_CONCURRENT_RPCS = 20_000
@@ -75,6 +75,7 @@ class ServerOptions:
     serve_after: bool = False
     open_enrollment: bool = False
     admit: tuple[bytes, ...] = ()
+    referees: tuple[bytes, ...] = ()  # keys admitted with the referee role (trusted re-evaluators)
     limits: Limits = Limits()
     min_workers: int = 1  # connected workers before the first iteration opens
 
@@ -164,12 +165,14 @@ def _bind(server: grpc.aio.Server, options: ServerOptions) -> int:
         raise ServerError(f"cannot listen on {options.listen} ({exc}); is another process using the port?") from None
 
 
-def _admit(chain: Chain, keys: tuple[bytes, ...]) -> None:
-    """Record the operator's --admit keys (warning about revoked ones: they stay revoked)."""
-    for key in dict.fromkeys(keys):
+def _admit(chain: Chain, keys: tuple[bytes, ...], referees: tuple[bytes, ...] = ()) -> None:
+    """Record the operator's --admit and --referee keys (warning about revoked ones: they stay revoked)."""
+    for key in dict.fromkeys((*keys, *referees)):
         if key in chain.history.revoked:
             log.warning("not admitting a revoked key", extra={"worker": identity.fingerprint(key)})
     for admission in by_operator(keys, chain.history.admitted, chain.history.revoked):
+        chain.append(admission)
+    for admission in as_referees(referees, chain.history.referees, chain.history.revoked):
         chain.append(admission)
 
 
@@ -187,8 +190,8 @@ async def start(
 ) -> Running:
     """Admit --admit keys and start serving gRPC; `job.start()` then resumes or opens an iteration."""
     chain = Chain(store, key, history)
-    _admit(chain, options.admit)
-    admitted = len(chain.history.admitted - chain.history.revoked)
+    _admit(chain, options.admit, options.referees)
+    admitted = len(chain.history.admitted - chain.history.revoked - chain.history.referees)
     if not options.open_enrollment and options.min_workers > admitted:
         raise ServerError(
             f"--min-workers {options.min_workers} can never be met: only {admitted} workers are admitted; "

@@ -1,21 +1,25 @@
-"""Checks on what workers submit: each result, report or attestation gets exactly one reason code."""
+"""Checks on what workers submit: each batch member, report or attestation gets exactly one reason code."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Collection, Generic, Mapping, TypeVar
+from typing import Any, Collection, Generic, Mapping, Sequence, TypeVar
 
-from swarmtune import entries, identity
+from swarmtune import batches, entries, identity
+from swarmtune.batches import Batch
 from swarmtune.coordinator.lifecycle import OpenIteration
-from swarmtune.entries import Attestation, RetentionReport, Signed, WorkerResult
+from swarmtune.entries import Attestation, RetentionReport, Signed
 from swarmtune.wire import service_pb2 as pb
 
-# Bound on a submitted item: a SignedResult is ~170 bytes; reports carry a few named figures.
+# Bound on a submitted report or attestation: they carry a few named figures.
 MAX_ITEM_BYTES = 4096
 MAX_FIGURES = 64
+# Bound on a submitted batch: 9 bytes per member at most (a reward and a one-byte gap; longer gaps
+# mean fewer members), plus its header.
+MAX_BATCH_BYTES = 9 * 65536 + 256
 
-Record = TypeVar("Record", WorkerResult, RetentionReport, Attestation)
+Record = TypeVar("Record", RetentionReport, Attestation)
 
 
 @dataclass(frozen=True)
@@ -43,7 +47,7 @@ class Context:
     open_iteration: OpenIteration | None  # None while no iteration takes results
     last_closed: int
     reward_range: tuple[float, float]
-    recorded: Mapping[int, bytes]  # member -> this worker's result bytes in the last closed iteration's entry
+    recorded: Mapping[int, float]  # member -> this worker's reward in the last closed iteration's entry
 
 
 def _reject(reason: int, detail: str) -> Checked[Any]:
@@ -96,44 +100,109 @@ def _signature_problem(signed: Signed[Any]) -> Checked[Any] | None:
     return None
 
 
-def check_result(
-    context: Context,
-    data: bytes,
-    assigned: Collection[int],
-    held: Mapping[int, bytes],
-    settled: Collection[int],
-) -> Checked[WorkerResult]:
-    """One submitted SignedResult. `assigned`: members this worker was ever given in the open
-    iteration; `held`: its accepted result bytes by member; `settled`: members that need no more."""
-    parsed = _opened(WorkerResult, context, data)
-    if isinstance(parsed, Checked):
-        return parsed
-    result = parsed.record
-    if result.iteration == context.last_closed and context.recorded.get(result.member) == data:
-        return Checked(pb.DUPLICATE, f"already recorded in iteration {result.iteration}'s entry", parsed)
-    problem = _iteration_problem(context, result.iteration, result.head_hash)
+@dataclass(frozen=True)
+class BatchCheck:
+    """A submitted batch's answer: the batch's own reason, one check per member (when it was taken
+    apart), and the parsed batch."""
+
+    reason: int  # a service_pb2.Reason value
+    detail: str
+    batch: Batch | None = None
+    members: tuple[Checked[Any], ...] = ()  # aligned with batch.members
+
+    def status(self) -> pb.BatchStatus:
+        return pb.BatchStatus(
+            status=pb.ItemStatus(reason=self.reason, detail=self.detail),
+            members=[pb.ItemStatus(reason=c.reason, detail=c.detail) for c in self.members],
+        )
+
+    @property
+    def accepted(self) -> list[int]:
+        """The members newly accepted."""
+        if self.batch is None:
+            return []
+        return [m for m, c in zip(self.batch.members, self.members) if c.reason == pb.ACCEPTED]
+
+    @property
+    def checks(self) -> list[Checked[Any]]:
+        """One check per member, or the batch's own when it was refused whole (what is counted)."""
+        return list(self.members) if self.members else [Checked(self.reason, self.detail)]
+
+
+def _refused(checked: Checked[Any], batch: Batch | None = None) -> BatchCheck:
+    return BatchCheck(checked.reason, checked.detail, batch)
+
+
+def _all(batch: Batch, reason: int, detail: str) -> BatchCheck:
+    return BatchCheck(reason, detail, batch, tuple(Checked(reason, detail) for _ in batch.members))
+
+
+def check_batch(context: Context, data: bytes, assigned: Collection[int], held: Mapping[int, float], settled: Collection[int]) -> BatchCheck:
+    """One submitted ResultBatch. `assigned`: members this worker was ever given in the open iteration;
+    `held`: its accepted rewards by member; `settled`: members that need no more."""
+    if len(data) > MAX_BATCH_BYTES:
+        return _refused(_reject(pb.MALFORMED, f"batch is {len(data)} bytes, more than {MAX_BATCH_BYTES}; send fewer members per batch"))
+    try:
+        batch = batches.decode_batch(data)
+    except batches.BatchError as exc:
+        return _refused(_reject(pb.MALFORMED, f"{exc}; send a serialized ResultBatch exactly as signed"))
+    problem = _signer_problem(context, batch)
     if problem:
-        return problem
-    if result.member in held:
-        if held[result.member] == data:
-            return Checked(pb.DUPLICATE, "already accepted", parsed)
-        return _reject(pb.CONFLICTING_RESULT, f"a different result for member {result.member} was accepted from this worker")
+        return _refused(problem, batch)
+    recorded = context.recorded
+    if batch.iteration == context.last_closed and all(recorded.get(m) == r for m, r in zip(batch.members, batch.rewards)):
+        return _all(batch, pb.DUPLICATE, f"already recorded in iteration {batch.iteration}'s entry")
+    problem = _iteration_problem(context, batch.iteration, batch.head_hash)
+    if problem:
+        return _refused(problem, batch)
+    if not batches.verify_batch(batch):
+        return _refused(_reject(pb.BAD_SIGNATURE, "signature does not verify over the batch payload with the worker key"), batch)
     assert context.open_iteration is not None  # _iteration_problem saw it open
-    seeds = context.open_iteration.seeds
-    if result.member not in seeds:
-        return _reject(pb.NOT_ASSIGNED, f"member {result.member} is not in iteration {result.iteration}")
-    if result.member not in assigned:
-        return _reject(pb.NOT_ASSIGNED, f"member {result.member} is not assigned to this worker")
-    if result.seed != seeds[result.member]:
-        return _reject(pb.WRONG_SEED, f"seed {result.seed} is not member {result.member}'s seed {seeds[result.member]}")
-    if not math.isfinite(result.reward):
-        return _reject(pb.NON_FINITE_REWARD, f"reward {result.reward} is not finite; report a failed evaluation as the task's lowest reward")
+    population = len(context.open_iteration.numbers)
     low, high = context.reward_range
-    if not low <= result.reward <= high:
-        return _reject(pb.REWARD_OUT_OF_RANGE, f"reward {result.reward} is outside the task's range [{low}, {high}]")
-    if result.member in settled:
-        return _reject(pb.SETTLED, f"member {result.member} already has its replicas; no need to send it")
-    return _signature_problem(parsed) or Checked(pb.ACCEPTED, "accepted", parsed)
+    members, rewards = batch.members, batch.rewards
+    if _all_fresh(members, rewards, assigned, held, settled, low, high):  # the common case, without a Python loop per member
+        return BatchCheck(pb.ACCEPTED, "taken apart: see each member", batch, (_ACCEPTED,) * len(members))
+    checks = tuple(_member_check(m, r, population, assigned, held, settled, low, high) for m, r in zip(members, rewards))
+    return BatchCheck(pb.ACCEPTED, "taken apart: see each member", batch, checks)
+
+
+def _all_fresh(
+    members: Sequence[int], rewards: Sequence[float], assigned: Collection[int], held: Mapping[int, float], settled: Collection[int], low: float, high: float
+) -> bool:
+    """Every member is new from this worker, assigned to it, unsettled, with a finite reward in range:
+    each would be ACCEPTED (`_member_check`'s last answer)."""
+    return (
+        not any(map(held.__contains__, members))
+        and all(map(assigned.__contains__, members))
+        and not any(map(settled.__contains__, members))
+        and all(map(math.isfinite, rewards))
+        and (not rewards or (low <= min(rewards) and max(rewards) <= high))
+    )
+
+
+_ACCEPTED: Checked[Any] = Checked(pb.ACCEPTED, "accepted")
+_DUPLICATE: Checked[Any] = Checked(pb.DUPLICATE, "already accepted")
+
+
+def _member_check(
+    member: int, reward: float, population: int, assigned: Collection[int], held: Mapping[int, float], settled: Collection[int], low: float, high: float
+) -> Checked[Any]:
+    if member in held:
+        if held[member] == reward:
+            return _DUPLICATE
+        return _reject(pb.CONFLICTING_RESULT, f"a different reward for member {member} was accepted from this worker")
+    if member >= population:
+        return _reject(pb.NOT_ASSIGNED, f"member {member} is not in the iteration (population {population})")
+    if member not in assigned:
+        return _reject(pb.NOT_ASSIGNED, f"member {member} is not assigned to this worker")
+    if not math.isfinite(reward):
+        return _reject(pb.NON_FINITE_REWARD, f"reward {reward} is not finite; report a failed evaluation as the task's lowest reward")
+    if not low <= reward <= high:
+        return _reject(pb.REWARD_OUT_OF_RANGE, f"reward {reward} is outside the task's range [{low}, {high}]")
+    if member in settled:
+        return _reject(pb.SETTLED, f"member {member} already has its replicas; no need to send it")
+    return _ACCEPTED
 
 
 def check_retention(context: Context, data: bytes, requested: bool, held: bytes | None) -> Checked[RetentionReport]:

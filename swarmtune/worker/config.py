@@ -19,6 +19,7 @@ class WorkerConfig:
     tls_ca: Path | None = None  # PEM roots to verify the coordinator; None: plaintext (loopback, tests)
     model: str | None = None  # local base model directory overriding the job spec's model
     capacity: int = 16  # members this worker offers to evaluate per iteration
-    noise_cache_mb: int = 1024  # noise kept from evaluation for the update (0: draw it again)
+    noise_cache_mb: int | None = None  # noise kept from evaluation for the update (0: draw it again; None: the job's default)
     operator: str = ""  # who runs this worker ("": the key's fingerprint, i.e. an operator of its own)
     log_json: bool = False
+    snapshot: str | None = None  # path or http(s) URL of a snapshot at a checkpoint: replay only the tail

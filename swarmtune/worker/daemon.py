@@ -9,12 +9,13 @@ import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Coroutine, TypeAlias, TypeVar
+from functools import partial
+from typing import Any, AsyncIterator, Callable, Coroutine, Sequence, TypeAlias, TypeVar
 
 import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from swarmtune import entries, identity, ledger
+from swarmtune import batches, entries, identity, ledger
 from swarmtune.backends.base import BackendFactory
 from swarmtune.entries import Attestation, Iteration, Revocation, StoredEntry
 from swarmtune.fixedpoint import FixedPointOverflow
@@ -27,7 +28,7 @@ from swarmtune.worker.backoff import Backoff
 from swarmtune.worker.catchup import catch_up
 from swarmtune.worker.config import WorkerConfig
 from swarmtune.worker.logs import EventLog
-from swarmtune.worker.measure import center_retention, evaluation_batch, member_rewards, sign_results, sign_retention
+from swarmtune.worker.measure import center_retention, evaluation_batch, member_rewards, sign_retention
 from swarmtune.worker.outbox import Outbox
 from swarmtune.worker.session import Connection, Joined, SessionLost, describe, open_channel
 from swarmtune.worker.site import LoadedModel, Site, load_base_model, open_site
@@ -186,7 +187,12 @@ class Daemon:
                 f"this worker's key {identity.fingerprint(self.public_key)} was revoked in entry {entry.entry.index}: "
                 f"{body.reason}; check the machine and its backend before joining with a new key"
             )
-        if isinstance(body, Iteration) and self.work is not None and self.work.iteration <= body.iteration:
+        if isinstance(body, Iteration):
+            self.closed(body.iteration)
+
+    def closed(self, iteration: int) -> None:
+        """Iteration `iteration` closed: its work (and any before it) ends."""
+        if self.work is not None and self.work.iteration <= iteration:
             left = len(self.work.pending())
             if left:
                 self.log("released", iteration=self.work.iteration, members=left)
@@ -204,7 +210,14 @@ class Daemon:
         await self.wait_attested()
         next_index = self.site.next_index if self.site else 0
         try:
-            caught = await catch_up(connection.fetch(next_index), self.site, self.compute, self.open_genesis, self.note, self.stop.is_set)
+            fetched = connection.fetch(next_index)
+            open_genesis = self.open_genesis
+            if self.site is None and self.config.snapshot is not None:
+                # The snapshot names a checkpoint entry: the ledger so far holds it, read before the site opens.
+                prefetched = [item async for item in fetched]
+                fetched = _replayed(prefetched)
+                open_genesis = partial(self.open_genesis, ledger_so_far=[item.stored for item in prefetched])
+            caught = await catch_up(fetched, self.site, self.compute, open_genesis, self.note, self.stop.is_set)
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.OUT_OF_RANGE:
                 raise WorkerFailure(
@@ -223,11 +236,15 @@ class Daemon:
             seconds=round(caught.seconds, 3),
         )
 
-    def open_genesis(self, stored: bytes) -> Site:
+    def open_genesis(self, stored: bytes, ledger_so_far: Sequence[bytes] = ()) -> Site:
         """The site of the job whose genesis this is (on the compute thread: it loads the model)."""
-        site = open_site(stored, self.config, self.make_backend, self.loaded, self.verifier)
+        site = open_site(stored, self.config, self.make_backend, self.loaded, self.verifier, ledger_so_far)
         self.loaded = None  # the site owns the model now
-        self.log("genesis", job=site.job.spec.job_id, state_hash=site.replica.state_hash().hex())
+        if site.snapshot_refused is not None:
+            self.log("snapshot_refused", source=self.config.snapshot, error=site.snapshot_refused, fallback="replaying from genesis")
+        elif self.config.snapshot is not None:
+            self.log("snapshot_loaded", source=self.config.snapshot, iteration=site.replica.iteration)
+        self.log("genesis", job=site.job.spec.job_id, iteration=site.replica.iteration, state_hash=site.replica.state_hash().hex())
         return site
 
     # ---- following the coordinator -------------------------------------------------------------
@@ -285,6 +302,8 @@ class Daemon:
         kind = announcement.WhichOneof("kind")
         if kind == "entry":
             await self.on_entry(announcement.entry)
+        elif kind == "compact":
+            await self.on_compact(announcement.compact)
         elif kind == "opened":
             self.on_opened(announcement.opened)
         elif kind == "reassigned":
@@ -311,10 +330,22 @@ class Daemon:
         body = entry.entry.body
         if not isinstance(body, Iteration):
             return
-        self.log("applied", iteration=body.iteration, index=entry.entry.index, seconds=round(time.perf_counter() - started, 4))
-        if site.job.spec.attestation_due(body.iteration):
+        self.applied(site, body.iteration, entry.entry.index, started)
+
+    async def on_compact(self, item: pb.Compact) -> None:
+        """An iteration entry by its coordinator-signed digest: verify its place in our chain, apply its update."""
+        site = self.require_site()
+        await self.wait_attested()
+        started = time.perf_counter()
+        digest = await self.compute(site.advance_digest, item.digest)
+        self.closed(digest.iteration)
+        self.applied(site, digest.iteration, digest.index, started)
+
+    def applied(self, site: Site, iteration: int, index: int, started: float) -> None:
+        self.log("applied", iteration=iteration, index=index, seconds=round(time.perf_counter() - started, 4))
+        if site.job.spec.attestation_due(iteration):
             # Off the critical path: the next iteration's members start while the state is hashed.
-            self.attesting = asyncio.create_task(self.attest(site, body.iteration))
+            self.attesting = asyncio.create_task(self.attest(site, iteration))
 
     async def attest(self, site: Site, iteration: int) -> None:
         state_hash = await asyncio.get_running_loop().run_in_executor(self.hasher, site.replica.state_hash)
@@ -340,7 +371,8 @@ class Daemon:
             self.log("retention_skipped", iteration=opened.iteration, reason="the job names no retention task")
             opened = replace(opened, measure_retention=False)
         if self.work is None or self.work.iteration != opened.iteration:
-            self.work = IterationWork(opened)
+            signer = partial(batches.sign_batch, self.key, site.job.spec.job_id, opened.iteration, opened.head_hash)
+            self.work = IterationWork(opened, signer)
         self.work.assign(message.assigned)
         self.log("opened", iteration=opened.iteration, assigned=len(self.work.assigned), retention=opened.measure_retention)
         self.wake.set()
@@ -388,7 +420,7 @@ class Daemon:
             if rewards is None:
                 self.drop_stale(work)
                 return
-            work.record(sign_results(self.key, spec, work.iteration, work.opened.head_hash, members, rewards))
+            work.record({m.member: float(r) for m, r in zip(members, rewards)})
             self.log(
                 "evaluated",
                 iteration=work.iteration,
@@ -414,6 +446,12 @@ class Daemon:
             await asyncio.wait({self.evaluator}, timeout=DRAIN_MEMBER_TIMEOUT_S)
         await self.wait_attested()
         await self.outbox.drain(connection, joined)
+
+
+async def _replayed(items: list[pb.LedgerEntry]) -> AsyncIterator[pb.LedgerEntry]:
+    """Entries fetched ahead, handed to catch_up as the stream they came from."""
+    for item in items:
+        yield item
 
 
 def serve(config: WorkerConfig, make_backend: BackendFactory) -> int:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from swarmtune import entries, identity
 from swarmtune.backends.base import Backend
-from swarmtune.entries import RetentionReport, Signed, WorkerResult
+from swarmtune.entries import RetentionReport, Signed
 from swarmtune.jobspec import JobSpec
 from swarmtune.seeds import MemberNoise
 from swarmtune.tasks.base import Example, Task, columns_of, sample_indices
@@ -41,22 +40,6 @@ def prompt_batch(task: Task, spec: JobSpec, iteration: int) -> list[Example]:
     """Iteration t's prompts: the same for every member and every site, from (job seed, t)."""
     train = task.train()
     return [train[i] for i in sample_indices(spec.job_seed, iteration, len(train), spec.prompts_per_iteration)]
-
-
-def sign_results(
-    key: Ed25519PrivateKey,
-    spec: JobSpec,
-    iteration: int,
-    head_hash: bytes,
-    members: Sequence[MemberNoise],
-    rewards: Sequence[float],
-) -> list[Signed[WorkerResult]]:
-    """One signed result per member, bound to (job, iteration, member, seed, ledger head)."""
-    worker_key = identity.public_key_bytes(key)
-    return [
-        entries.sign_record(key, WorkerResult(spec.job_id, iteration, m.member, m.seed, head_hash, float(r), worker_key))
-        for m, r in zip(members, rewards)
-    ]
 
 
 def retention_figures(backend: Backend, task: Task, spec: JobSpec) -> tuple[tuple[str, float], ...]:

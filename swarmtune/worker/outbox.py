@@ -1,4 +1,4 @@
-"""What a worker owes its coordinator (signed results, retention reports, attestations): sent paced, retried, drained at exit."""
+"""What a worker owes its coordinator (result batches, retention reports, attestations): sent paced, retried, drained at exit."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from swarmtune.eventwait import set_within
 T = TypeVar("T")
 
 SUBMIT_ATTEMPTS = 8
-SUBMIT_BATCH = 1024  # results per SubmitResults call
+SUBMIT_BATCH = 4096  # members per signed batch (one batch per SubmitResults call)
 # While more of our members are still to come, results go out at most this often (a dense member
 # can take milliseconds: one call each would spend the coordinator's per-worker rate limit); the
 # result that completes our share goes at once.
@@ -124,9 +124,8 @@ class Outbox:
                 raise outcome
 
     async def send_results(self, connection: Connection, joined: Joined, work: IterationWork, attempts: int) -> None:
-        members, results, retention = work.untaken()
-        keep = [i for i, m in enumerate(members) if (work.iteration, m) not in self.in_flight]
-        members, results = [members[i] for i in keep], [results[i] for i in keep]
+        members, retention = work.untaken()
+        members = [m for m in members if (work.iteration, m) not in self.in_flight]
         retention = [] if work.iteration in self.retention_in_flight else retention
         if not members and not retention:
             return
@@ -135,23 +134,24 @@ class Outbox:
         if retention:
             self.retention_in_flight.add(work.iteration)
         try:
-            await self._send_results(connection, joined, work, attempts, members, results, retention)
+            await self._send_results(connection, joined, work, attempts, members, retention)
         finally:  # answered: settled or rejected for good; failed: untaken still, sent again
             self.in_flight -= mine
             if retention:
                 self.retention_in_flight.discard(work.iteration)
 
     async def _send_results(
-        self, connection: Connection, joined: Joined, work: IterationWork, attempts: int, members: list[int], results: list[bytes], retention: list[bytes]
+        self, connection: Connection, joined: Joined, work: IterationWork, attempts: int, members: list[int], retention: list[bytes]
     ) -> None:
-        # Batches of SUBMIT_BATCH: a big low-rank population stays under the coordinator's per-call limit.
-        for start in range(0, max(len(results), len(retention)), SUBMIT_BATCH):
-            batch, sent = results[start : start + SUBMIT_BATCH], retention if start == 0 else []
-            reply = await retried(lambda: self.answered(connection.submit(joined, batch, sent)), self.backoff, self.rng, attempts)
-            for member, status in work.settle(members[start : start + SUBMIT_BATCH], reply, bool(sent)):
+        # One signed batch per call, of at most SUBMIT_BATCH members: a big share stays under the per-call size limit.
+        for start in range(0, max(len(members), len(retention)), SUBMIT_BATCH):
+            chunk, sent = members[start : start + SUBMIT_BATCH], retention if start == 0 else []
+            batches = [work.batch(chunk)] if chunk else []
+            reply = await retried(lambda: self.answered(connection.submit(joined, batches, sent)), self.backoff, self.rng, attempts)
+            for member, status in work.settle(chunk, reply, bool(sent)):
                 what = "retention report" if member < 0 else f"member {member}"
                 self.log("rejected", iteration=work.iteration, item=what, reason=pb.Reason.Name(status.reason), detail=status.detail)
-            self.log("submitted", iteration=work.iteration, results=len(batch), retention=len(sent))
+            self.log("submitted", iteration=work.iteration, results=len(chunk), retention=len(sent))
 
     async def send_attestations(self, connection: Connection, joined: Joined, attempts: int) -> None:
         async with self.attesting:

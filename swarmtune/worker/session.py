@@ -19,7 +19,7 @@ from swarmtune.worker.backoff import Backoff
 
 T = TypeVar("T")
 
-# Ledger entries of a large population are big; results and attestations are small.
+# Ledger entries of a large population are big (catching up); batches and attestations are small.
 MAX_RECEIVE_BYTES = 64 << 20
 MAX_SEND_BYTES = 4 << 20
 # A half-open connection (a NAT or proxy that stopped forwarding without closing) is noticed within
@@ -114,8 +114,8 @@ class Connection:
     def subscribe(self, session: Joined, from_index: int) -> grpc.aio.UnaryStreamCall:
         return self.stub.Subscribe(pb.SubscribeRequest(session=session.token, from_index=from_index))
 
-    async def submit(self, session: Joined, results: list[bytes], retention: list[bytes]) -> pb.SubmitReply:
-        request = pb.SubmitRequest(session=session.token, results=results, retention=retention)
+    async def submit(self, session: Joined, batches: list[bytes], retention: list[bytes]) -> pb.SubmitReply:
+        request = pb.SubmitRequest(session=session.token, batches=batches, retention=retention)
         return await self.stub.SubmitResults(request, timeout=CALL_TIMEOUT_S)
 
     async def attest(self, session: Joined, attestation: bytes) -> pb.AttestReply:

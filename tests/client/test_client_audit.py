@@ -1,4 +1,4 @@
-"""The audit's own checks, on hand-built iterations: coefficients re-derived, seeds re-derived, versions; one parse per entry."""
+"""The audit's own checks, on hand-built iterations: coefficients re-derived, the noise plan checked, versions; one parse per entry."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 from torch import nn
 
-from swarmtune import entries, identity, ledgerfile, shaping
-from swarmtune.client.audit import AuditReport, audit, coefficient_problem, expected_coefficients, genesis_problem, seed_problem
-from swarmtune.entries import Attestation, Iteration, WorkerResult
+from swarmtune import batches, entries, identity, ledgerfile, shaping
+from swarmtune.batches import Recorded
+from swarmtune.client.audit import AuditReport, audit, coefficient_problem, expected_coefficients, genesis_problem, plan_problem
+from swarmtune.entries import Attestation, Iteration, NoisePlan
 from swarmtune.modelbuild import build_tokenizer
 from swarmtune.jobspec import JobSpec, parse_job_spec
 from swarmtune.ledger import Problem
 from swarmtune.noise import NOISE_VERSION
-from swarmtune.seeds import population
 from tests.support.cli_runner import run_cli
 from tests.support.replay_ledger import build_ledger, direct_hashes
 from tests.support.tiny_models import tiny_llama
@@ -45,18 +45,11 @@ def spec() -> JobSpec:
 def iteration(rewarded: tuple[int, ...] = tuple(range(6)), replicas: int = 1) -> Iteration:
     """Iteration 2 as a coordinator closes it: only `rewarded` members have results (each `replicas` times)."""
     job = spec()
-    members = population(job.job_seed, 2, job.population, job.antithetic)
     keys = [identity.generate_key() for _ in range(replicas)]
-    results = tuple(
-        entries.sign_record(key, WorkerResult(job.job_id, 2, m.member, m.seed, HEAD, REWARDS[m.member], identity.public_key_bytes(key)))
-        for m in members
-        if m.member in rewarded
-        for key in keys
-    )
+    recorded = tuple(Recorded(batches.sign_batch(key, job.job_id, 2, HEAD, rewarded, [REWARDS[m] for m in rewarded])) for key in keys)
     shaped = dict(zip(rewarded, shaping.coefficients([REWARDS[m] for m in rewarded], job.shaping, job.alpha)))
-    rewards = tuple(REWARDS[m.member] if m.member in rewarded else 0.0 for m in members)
-    coefficients = tuple(shaped.get(m.member, 0) for m in members)
-    return Iteration(2, HEAD, members, results, coefficients, rewards, job.shaping)
+    coefficients = tuple(shaped.get(m, 0) for m in range(job.population))
+    return Iteration(2, HEAD, NoisePlan(job.job_seed, job.population, job.antithetic), recorded, coefficients, (), job.shaping)
 
 
 def test_coefficients_of_a_full_population_are_what_shaping_gives() -> None:
@@ -86,7 +79,9 @@ def test_a_changed_coefficient_is_named_with_its_member() -> None:
 
 def test_a_changed_reward_breaks_every_coefficient_it_feeds() -> None:
     body = iteration()
-    assert coefficient_problem(replace(body, rewards=(0.6, *body.rewards[1:])), spec()) is not None
+    (recorded,) = body.batches
+    changed = batches.sign_batch(identity.generate_key(), "audit-unit", 2, HEAD, range(6), (0.6, *REWARDS[1:]))
+    assert coefficient_problem(replace(body, batches=(replace(recorded, batch=changed),)), spec()) is not None
 
 
 def test_shaping_must_be_the_job_specs() -> None:
@@ -94,17 +89,17 @@ def test_shaping_must_be_the_job_specs() -> None:
     assert problem is not None and "the job spec says 'zscore'" in problem
 
 
-def test_member_seeds_must_follow_from_the_job_seed() -> None:
+def test_the_noise_plan_must_be_the_job_specs() -> None:
     body = iteration()
-    assert seed_problem(body, spec()) is None
-    swapped = replace(body, members=(body.members[1], body.members[0], *body.members[2:]))
-    assert "member 1 has seed" in (seed_problem(swapped, spec()) or "")
-    assert "population is 6" in (seed_problem(replace(body, members=body.members[:4]), spec()) or "")
+    assert plan_problem(body, spec()) is None
+    assert body.members[1].seed == body.members[0].seed and body.members[1].sign == -1  # antithetic pairs
+    for changed in (replace(body.plan, job_seed=10), replace(body.plan, population=4), replace(body.plan, antithetic=False)):
+        assert "the job spec gives" in (plan_problem(replace(body, plan=changed), spec()) or "")
 
 
 def test_a_genesis_from_another_noise_version_cannot_be_audited() -> None:
     key = identity.public_key_bytes(identity.generate_key())
-    genesis = entries.new_genesis(SPEC, HEAD, key, protocol_version="swarmtune/1", noise_version=NOISE_VERSION, shaping_version=shaping.SHAPING_VERSION)
+    genesis = entries.new_genesis(SPEC, HEAD, key, protocol_version=entries.PROTOCOL_VERSION, noise_version=NOISE_VERSION, shaping_version=shaping.SHAPING_VERSION)
     assert genesis_problem(genesis) == (spec(), None)
     job, problem = genesis_problem(replace(genesis, noise_version="swarmtune-noise/9"))
     assert job is None and problem is not None and "audit with a matching swarmtune" in problem

@@ -8,12 +8,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from swarmtune import entries, identity, shaping
+from swarmtune import batches, entries, identity, shaping
 from swarmtune.coordinator.assignment import Candidate, assign, effective_replicas, quotas, reassign
 from swarmtune.coordinator.close import build_iteration, retention_alerts
 from swarmtune.coordinator.lifecycle import encode_open_meta, extend_deadline, may_close, open_iteration, quorum_members, resume_iteration
-from swarmtune.coordinator.redundancy import judge, settled, strikes, to_revoke, wanted
-from swarmtune.entries import RetentionReport, WorkerResult
+from swarmtune.redundancy import judge, settled, strikes, to_revoke, wanted
+from swarmtune.batches import Batch, MemberResult
+from swarmtune.entries import RetentionReport
 from swarmtune.jobspec import parse_job_spec
 from swarmtune.seeds import population
 
@@ -71,10 +72,10 @@ def test_replicas_capped_by_distinct_operators() -> None:
     assert all(len(keys) == 1 for keys in holders_of(plan).values())
 
 
-def test_rotation_gives_surplus_workers_turns() -> None:
+def test_draws_give_surplus_workers_turns() -> None:
     pool = candidates(*[(n, str(n), 1) for n in range(10)])
-    used = {key for t in range(5) for key in assign([0, 1], pool, 1, rotation=t * 2)}
-    assert len(used) == 10
+    used = Counter(key for t in range(40) for key in assign([0, 1], pool, 1, draw=bytes([t]) * 64))
+    assert len(used) == 10 and max(used.values()) < 20
 
 
 def test_every_slot_is_filled_where_the_greedy_pass_leaves_one() -> None:
@@ -91,11 +92,11 @@ def test_every_slot_is_filled_where_the_greedy_pass_leaves_one() -> None:
     members=st.integers(1, 40),
     replicas=st.integers(1, 3),
     workers=st.lists(st.tuples(st.integers(0, 3), st.integers(1, 5)), min_size=1, max_size=8),
-    rotation=st.integers(0, 100),
+    draw=st.binary(min_size=64, max_size=64),
 )
-def test_assignment_invariants(members: int, replicas: int, workers: list[tuple[int, int]], rotation: int) -> None:
+def test_assignment_invariants(members: int, replicas: int, workers: list[tuple[int, int]], draw: bytes) -> None:
     pool = [Candidate(k(i), f"op{op}", cap) for i, (op, cap) in enumerate(workers)]
-    plan = assign(list(range(members)), pool, replicas, rotation)
+    plan = assign(list(range(members)), pool, replicas, draw)
     operator = {c.key: c.operator for c in pool}
     want = effective_replicas(replicas, pool)
     holders = holders_of(plan)
@@ -107,14 +108,15 @@ def test_assignment_invariants(members: int, replicas: int, workers: list[tuple[
         assert sum(map(len, holders.values())) == slots
 
 
-def test_reassign_avoids_holders_and_their_operators_and_balances_load() -> None:
-    pool = candidates((1, "a", 2), (2, "b", 2), (3, "b", 2), (4, "c", 2))
-    holders = {0: frozenset({k(1)}), 1: frozenset({k(2)})}
-    plan = reassign({0: 1, 1: 1}, holders, pool, load={k(1): 0, k(2): 0, k(3): 0, k(4): 0})
-    got = holders_of(plan)
-    assert got[0][0] != k(1)
-    assert got[1][0] not in (k(2), k(3))  # same operator as the holder
-    assert len(plan) == 2  # spread over two workers, not stacked on one
+def test_reassign_avoids_holders_and_their_operators_within_capacity() -> None:
+    pool = candidates((1, "a", 2), (2, "b", 2), (3, "b", 2), (4, "c", 1))
+    holders = {0: frozenset({k(1)}), 1: frozenset({k(2)}), 2: frozenset({k(2)})}
+    for t in range(20):
+        plan = reassign({0: 1, 1: 1, 2: 1}, holders, pool, load={k(1): 0, k(2): 0, k(3): 0, k(4): 0}, draw=bytes([t]) * 64)
+        got = holders_of(plan)
+        assert got[0][0] != k(1)
+        assert got[1][0] not in (k(2), k(3)) and got[2][0] not in (k(2), k(3))  # same operator as the holder
+        assert len(plan.get(k(4), ())) <= 1  # its capacity
 
 
 def test_reassign_skips_members_nobody_can_take() -> None:
@@ -152,12 +154,12 @@ def test_strikes_and_revocation_threshold() -> None:
 def test_lifecycle_seeds_deadline_quorum() -> None:
     spec = parse_job_spec(SPEC)
     opened = open_iteration(spec, 4, b"h" * 32, now_ms=1000)
-    assert opened.members == population(3, 4, 6, False)
+    assert opened.plan.members(opened.iteration) == population(3, 4, 6, False)
     assert opened.deadline_ms == 1000 + 600_000 and opened.straggle_ms == 1000 + 300_000
     extended = extend_deadline(opened, spec, now_ms=700_000)
     assert extended.deadline_ms == 1_300_000 and extended.straggle_ms == 700_000
     resumed = resume_iteration(spec, encode_open_meta(opened), now_ms=5000)
-    assert (resumed.iteration, resumed.head_hash, resumed.opened_ms, resumed.members) == (4, b"h" * 32, 1000, opened.members)
+    assert (resumed.iteration, resumed.head_hash, resumed.opened_ms, resumed.plan) == (4, b"h" * 32, 1000, opened.plan)
     assert resumed.deadline_ms == 605_000
     assert quorum_members(parse_job_spec(SPEC.replace(b"population = 6", b"population = 30") + b"[schedule]\nquorum = 0.9\n")) == 27
     assert may_close(spec, 6, now_ms=0, deadline_ms=10) and not may_close(spec, 5, now_ms=20, deadline_ms=10)
@@ -165,40 +167,47 @@ def test_lifecycle_seeds_deadline_quorum() -> None:
     assert may_close(half, 3, now_ms=20, deadline_ms=10) and not may_close(half, 3, now_ms=0, deadline_ms=10)
 
 
-def signed_result(key: object, opened: object, member: int, reward: float) -> entries.Signed[WorkerResult]:
-    it = opened
-    seed = it.seeds[member]  # type: ignore[attr-defined]
-    record = WorkerResult("pure", it.iteration, member, seed, it.head_hash, reward, identity.public_key_bytes(key))  # type: ignore[attr-defined,arg-type]
-    return entries.sign_record(key, record)  # type: ignore[arg-type]
+def signed_batch(key: object, opened: object, members: list[int], rewards: list[float]) -> Batch:
+    return batches.sign_batch(key, "pure", opened.iteration, opened.head_hash, members, rewards)  # type: ignore[arg-type,attr-defined]
+
+
+def taken(*signed: Batch) -> tuple[list[MemberResult], dict[tuple[bytes, int], Batch]]:
+    """Every member of these batches as the round holds it: the results, and the batch each came from."""
+    results = [r for b in signed for r in b.results()]
+    return results, {(r.worker_key, r.member): b for b in signed for r in b.results()}
 
 
 def test_build_iteration_shapes_settled_rewards_in_member_order() -> None:
     spec = parse_job_spec(SPEC + b"[schedule]\nredundancy = 2\n")
     opened = open_iteration(spec, 1, b"h" * 32, 0)
     a, b, c = (identity.generate_key() for _ in range(3))
-    results = [signed_result(a, opened, m, m / 10) for m in range(6)]
-    results += [signed_result(b, opened, m, m / 10) for m in range(5)]  # member 5: one replica only
-    results += [signed_result(c, opened, 0, 0.9)]  # member 0: b and a agree; c dissents
-    results += [signed_result(c, opened, 4, 0.0)]  # member 4: a, b agree on 0.4
-    closing = build_iteration(spec, opened, results, revoked=frozenset())
+    results, source = taken(
+        signed_batch(a, opened, list(range(6)), [m / 10 for m in range(6)]),
+        signed_batch(b, opened, list(range(5)), [m / 10 for m in range(5)]),  # member 5: one replica only
+        signed_batch(c, opened, [0, 4], [0.9, 0.0]),  # member 0: b and a agree, c dissents; member 4: a, b agree on 0.4
+    )
+    closing = build_iteration(spec, opened, results, source, revoked=frozenset())
     body = closing.body
     assert body.rewards == (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
+    assert body.disputed == (0.0, 0.4)  # the members whose replicas differ
     assert body.coefficients == tuple(shaping.coefficients([0.0, 0.1, 0.2, 0.3, 0.4, 0.5], "zscore", spec.alpha))
     assert strikes(closing.verdicts.values())[identity.public_key_bytes(c)] == 2
-    keys = [(r.record.member, r.record.worker_key) for r in body.results]
-    assert keys == sorted(keys) and len(keys) == len(results)
+    assert len(body.batches) == 3 and all(not r.excluded for r in body.batches) and len(body.results) == len(results)
 
 
 def test_build_iteration_leaves_out_revoked_and_unresolved() -> None:
     spec = parse_job_spec(SPEC)
     opened = open_iteration(spec, 1, b"h" * 32, 0)
     a, b, liar = (identity.generate_key() for _ in range(3))
-    results = [signed_result(a, opened, m, 0.5 + m / 100) for m in range(4)]
-    results += [signed_result(b, opened, 3, 0.9)]  # member 3: two replicas that disagree
-    results += [signed_result(liar, opened, 4, 1.0)]
-    closing = build_iteration(spec, opened, results, revoked=frozenset({identity.public_key_bytes(liar)}))
+    results, source = taken(
+        signed_batch(a, opened, [0, 1, 2, 3], [0.5 + m / 100 for m in range(4)]),
+        signed_batch(b, opened, [3], [0.9]),  # member 3: two replicas that disagree
+        signed_batch(liar, opened, [4], [1.0]),
+    )
+    closing = build_iteration(spec, opened, results, source, revoked=frozenset({identity.public_key_bytes(liar)}))
     body = closing.body
-    assert [r.record.member for r in body.results] == [0, 1, 2]
+    assert [r.member for r in body.results] == [0, 1, 2]
+    assert [(r.batch.worker_key, r.excluded) for r in body.batches] == [(identity.public_key_bytes(a), (3,))]
     assert body.coefficients[3:] == (0, 0, 0) and body.rewards[3:] == (0.0, 0.0, 0.0)
     assert body.coefficients[:3] == tuple(shaping.coefficients([0.5, 0.51, 0.52], "zscore", spec.alpha))
 
@@ -222,4 +231,4 @@ def test_retention_alerts_against_first_value() -> None:
 @pytest.mark.parametrize("capacity", [1, 3])
 def test_assignment_is_deterministic(capacity: int) -> None:
     pool = candidates((1, "a", capacity), (2, "b", capacity), (3, "c", capacity))
-    assert assign(list(range(9)), pool, 2, 5) == assign(list(range(9)), pool, 2, 5)
+    assert assign(list(range(9)), pool, 2, b"d" * 64) == assign(list(range(9)), pool, 2, b"d" * 64)

@@ -10,13 +10,14 @@ from typing import Awaitable, Callable, TypeVar
 import grpc
 import pytest
 
-from swarmtune import entries, identity, ledger
+from swarmtune import batches, entries, identity, ledger
 from swarmtune.coordinator.chain import History, recover
+from swarmtune.digest import open_digest
 from swarmtune.entries import Iteration, Revocation
 from swarmtune.store import LedgerStore, connect
 from swarmtune.wire import service_pb2 as pb
 from swarmtune.wire.service_pb2_grpc import CoordinatorStub
-from tests.support.coordinator_harness import CoordinatorProcess, SimWorker, channel, default_reward, spec_text, with_workers, write_genesis
+from tests.support.coordinator_harness import CoordinatorProcess, SimWorker, channel, default_reward, reasons, spec_text, with_workers, write_genesis
 
 TIMEOUT_S = 60
 T = TypeVar("T")
@@ -69,7 +70,7 @@ def test_fabricated_rewards_are_outvoted_and_the_liar_revoked(store: LedgerStore
             if coefficient:
                 assert reward == default_reward(member.member, member.seed)
         if all_bodies.index(body) > revocations[0]:
-            assert all(r.record.worker_key != liar_key for r in body.results)
+            assert all(r.worker_key != liar_key for r in body.results)
     # A restart recounts from the ledger what the live run counted (the liar's last strikes, never
     # recorded, are named by its revocation).
     (history,) = live
@@ -91,7 +92,7 @@ def test_lost_worker_members_are_reassigned_at_once(store: LedgerStore, job_id: 
 
     asyncio.run(scenario())
     (body,) = iterations(store, job_id)
-    assert len({r.record.member for r in body.results}) == 6
+    assert len({r.member for r in body.results}) == 6
 
 
 def test_straggler_members_go_to_idle_workers_before_the_deadline(store: LedgerStore, job_id: str) -> None:
@@ -134,8 +135,11 @@ def test_late_joiner_catches_up_with_every_entry(store: LedgerStore, job_id: str
             late.start(from_index=0)
             await asyncio.wait_for(c.job.finished.wait(), TIMEOUT_S)
             await asyncio.wait_for(late.closed.wait(), TIMEOUT_S)
-        assert [e.index for e in late.entries()] == list(range(5)) and late.finished()
-        assert [e.stored for e in late.entries()] == list(store.read(job_id))
+        assert late.indices() == list(range(5)) and late.finished()
+        stored = list(store.read(job_id))
+        assert all(e.stored == stored[e.index] for e in late.entries())
+        # what went out live by digest commits to the stored entry
+        assert late.digests() and all(open_digest(d.digest, identity.public_key_bytes(c.key)).entry_hash == entries.entry_hash(stored[d.index]) for d in late.digests())
 
     asyncio.run(scenario())
 
@@ -161,7 +165,7 @@ def test_sigkill_and_restart_resume_the_open_iteration(store: LedgerStore, redis
             opened = await w.until_opened(1)
             partial = [w.result(opened, m) for m in opened.assigned[:-1]]  # leave the iteration open
             reply = await w.submit(partial)
-            assert all(s.reason == pb.ACCEPTED for s in reply.results)
+            assert set(reasons(reply)) == {pb.ACCEPTED}
             acknowledged += partial
         assert acknowledged
         return acknowledged
@@ -178,10 +182,10 @@ def test_sigkill_and_restart_resume_the_open_iteration(store: LedgerStore, redis
             w.auto = True  # from iteration 2 on
             assert opened.head_hash == entries.entry_hash(next(iter(store.read(job_id, 0, 0))))
             # resend everything held before the kill, plus what is still owed
-            mine = [a for a in acknowledged if entries.decode_signed(entries.WorkerResult, a).record.worker_key == w.public]
+            mine = [a for a in acknowledged if batches.decode_batch(a).worker_key == w.public]
             replies.append(await w.submit(mine + [w.result(opened, m) for m in opened.assigned]))
-        assert all(s.reason in (pb.ACCEPTED, pb.DUPLICATE) for r in replies for s in r.results)
-        assert sum(s.reason == pb.DUPLICATE for r in replies for s in r.results) == len(acknowledged)
+        assert all(reason in (pb.ACCEPTED, pb.DUPLICATE) for r in replies for reason in reasons(r))
+        assert sum(reason == pb.DUPLICATE for r in replies for reason in reasons(r)) == len(acknowledged)
         await asyncio.gather(*(w.closed.wait() for w in workers))
 
     try:
@@ -200,8 +204,9 @@ def test_sigkill_and_restart_resume_the_open_iteration(store: LedgerStore, redis
     assert any(e.get("event") == "resumed iteration" and e.get("results") == len(acknowledged) for e in coordinator.events)
     first, second = iterations(store, job_id)
     assert (first.iteration, second.iteration) == (1, 2)
-    recorded = {entries.encode_signed(r) for r in first.results}
-    assert set(acknowledged) <= recorded and len(first.results) == 6
+    recorded = {(r.worker_key, r.member, r.reward) for r in first.results}
+    held = {(b.worker_key, b.members[0], b.rewards[0]) for b in map(batches.decode_batch, acknowledged)}
+    assert held <= recorded and len(first.results) == 6
 
 
 async def _with_stub(port: int, body: Callable[[CoordinatorStub], Awaitable[T]]) -> T:

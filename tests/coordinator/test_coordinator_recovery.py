@@ -6,19 +6,18 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from swarmtune import entries, identity
+from swarmtune import batches, entries, identity
 from swarmtune.coordinator import lifecycle
 from swarmtune.coordinator.chain import Chain, ChainConflict, History, recover
 from swarmtune.coordinator.resume import resume
 from swarmtune.coordinator.server import ServerError, open_history
-from swarmtune.entries import RetentionReport, Revocation, WorkerResult
+from swarmtune.entries import RetentionReport, Revocation
 from swarmtune.jobspec import JobSpec, parse_job_spec
 from swarmtune.store import HEAD_KEY, LEDGER_KEY, HeadMismatch, LedgerStore, connect
 from tests.support.cli_runner import run_cli
@@ -43,14 +42,15 @@ class Stored:
     history: History
     opened: lifecycle.OpenIteration
 
-    def result(self, worker: Ed25519PrivateKey, member: int, signer: Ed25519PrivateKey | None = None, **changes: object) -> bytes:
-        """Worker `worker`'s result for `member`, signed by `signer` (default: the worker itself)."""
-        values: dict[str, object] = dict(
-            job_id=self.spec.job_id, iteration=1, member=member, seed=self.opened.seeds[member],
-            head_hash=self.opened.head_hash, reward=0.5, worker_key=identity.public_key_bytes(worker),
-        )  # fmt: skip
-        values.update(changes)
-        return entries.encode_signed(entries.sign_record(signer or worker, WorkerResult(**values)))  # type: ignore[arg-type]
+    def batch(
+        self, worker: Ed25519PrivateKey, members: list[int], signer: Ed25519PrivateKey | None = None, reward: float = 0.5, head_hash: bytes | None = None
+    ) -> bytes:
+        """Worker `worker`'s batch of `members` (each at `reward`), signed by `signer` (default: the worker itself)."""
+        head = self.opened.head_hash if head_hash is None else head_hash
+        packed = batches.pack_members(members), batches.pack_rewards([reward] * len(members))
+        payload = batches.payload(self.spec.job_id, 1, head, identity.public_key_bytes(worker), *packed)
+        signature = identity.sign(signer or worker, identity.CONTEXT_BATCH, payload)
+        return batches.encode_batch(batches.parts(self.spec.job_id, 1, head, identity.public_key_bytes(worker), *packed, signature))
 
     def report(self, worker: Ed25519PrivateKey) -> bytes:
         record = RetentionReport(self.spec.job_id, 1, self.opened.head_hash, identity.public_key_bytes(worker), (("probe", 0.9),))
@@ -61,9 +61,9 @@ class Stored:
         return json.dumps({**record, **changes}).encode()
 
 
-def result_field(worker: Ed25519PrivateKey, member: int) -> bytes:
+def batch_field(data: bytes) -> bytes:
     """PROTOCOL §6.8's field name, written out here rather than taken from the coordinator."""
-    return b"r" + identity.public_key_bytes(worker) + struct.pack("<I", member)
+    return b"b" + batches.decode_batch(data).signature
 
 
 def retention_field(worker: Ed25519PrivateKey) -> bytes:
@@ -90,39 +90,43 @@ def test_resume_takes_only_what_a_fresh_submission_would_pass(store: LedgerStore
     job = stored_job(store, job_id)
     honest, other, revoked = job.workers
     stranger = identity.generate_key()
-    good = job.result(honest, 0)
+    good = job.batch(honest, [0, 1, 9])  # member 9 is not in the population of 6: dropped alone
+    moved = job.batch(other, [5])
+    stored = [
+        good,
+        # The failure of issue 14: an honest key's batch with a bad signature...
+        job.batch(honest, [2], signer=stranger, reward=0.999),
+        # ...and a valid-looking batch from a key the ledger never admitted.
+        job.batch(stranger, [2], reward=0.999),
+        job.batch(revoked, [3]),
+        job.batch(other, [2], head_hash=bytes(32)),
+        job.batch(other, [3], reward=7.0),
+    ]
     fields = {
         b"meta": job.meta(),
-        result_field(honest, 0): good,
-        # The failure of issue 14: an honest key's result with a bad signature and a wrong seed...
-        result_field(honest, 1): job.result(honest, 1, signer=stranger, seed=job.opened.seeds[1] + 1, reward=0.999),
-        # ...and a valid-looking result from a key the ledger never admitted.
-        result_field(stranger, 2): job.result(stranger, 2, reward=0.999),
-        result_field(revoked, 3): job.result(revoked, 3),
-        result_field(other, 1): job.result(other, 1, signer=stranger),
-        result_field(other, 2): job.result(other, 2, head_hash=bytes(32)),
-        result_field(other, 3): job.result(other, 3, reward=7.0),
-        result_field(other, 4): job.result(honest, 4),  # another worker's result under this one's name
-        result_field(other, 5): job.result(other, 0),  # under another member's field
+        **{batch_field(data): data for data in stored},
+        batch_field(good)[:-1] + b"\x00": moved,  # under another batch's field
         retention_field(other): job.report(other),  # retention is not due in this job
         b"junk": b"\x00",
     }
     with caplog.at_level(logging.WARNING, "swarmtune.coordinator"):
         current = resume(job.spec, fields, job.history, REWARDS, 2000)
     assert current is not None and current.open.iteration == 1
-    assert current.result_count() == 1 and current.accepted_bytes(identity.public_key_bytes(honest)) == {0: good}
+    assert current.result_count() == 2 and current.held_rewards(identity.public_key_bytes(honest)) == {0: 0.5, 1: 0.5}
     assert current.pending(identity.public_key_bytes(honest)) == [] and not current.retention
     name = lambda worker: identity.fingerprint(identity.public_key_bytes(worker))  # noqa: E731
-    assert dropped(caplog) == {
-        f"{name(honest)}/result": "WRONG_SEED",
-        f"{name(stranger)}/result": "UNKNOWN_KEY",
-        f"{name(revoked)}/result": "REVOKED_KEY",
-        f"{name(other)}/result": "MALFORMED",  # the last of other's results (by field name): member 5's field
-        f"{name(other)}/retention report": "RETENTION_NOT_REQUESTED",
-        "-/field": "MALFORMED",
-    }
-    reasons = sorted(r.reason for r in caplog.records if getattr(r, "worker", None) == name(other))  # type: ignore[attr-defined]
-    assert reasons == sorted(["BAD_SIGNATURE", "WRONG_HEAD", "REWARD_OUT_OF_RANGE", "KEY_MISMATCH", "MALFORMED", "RETENTION_NOT_REQUESTED"])
+    events = [r for r in caplog.records if r.getMessage() == "dropped a stored item of the open iteration"]
+    assert sorted((r.worker, r.item, r.reason) for r in events) == sorted([  # type: ignore[attr-defined]
+        (name(honest), "result", "NOT_ASSIGNED"),
+        (name(honest), "result batch", "BAD_SIGNATURE"),
+        (name(stranger), "result batch", "UNKNOWN_KEY"),
+        (name(revoked), "result batch", "REVOKED_KEY"),
+        (name(other), "result batch", "WRONG_HEAD"),
+        (name(other), "result", "REWARD_OUT_OF_RANGE"),
+        (name(other), "result batch", "MALFORMED"),
+        (name(other), "retention report", "RETENTION_NOT_REQUESTED"),
+        ("-", "field", "MALFORMED"),
+    ])  # fmt: skip
 
 
 def test_resume_takes_one_retention_report_where_it_is_due(store: LedgerStore, job_id: str, caplog: pytest.LogCaptureFixture) -> None:
@@ -149,7 +153,8 @@ def test_a_meta_record_the_ledger_does_not_allow_is_not_resumed(
     store: LedgerStore, job_id: str, caplog: pytest.LogCaptureFixture, changes: dict[str, object], reason: str
 ) -> None:
     job = stored_job(store, job_id)
-    fields = {b"meta": job.meta(**changes), result_field(job.workers[0], 0): job.result(job.workers[0], 0)}
+    data = job.batch(job.workers[0], [0])
+    fields = {b"meta": job.meta(**changes), batch_field(data): data}
     with caplog.at_level(logging.WARNING, "swarmtune.coordinator"):
         assert resume(job.spec, fields, job.history, REWARDS, 2000) is None
     (event,) = [r for r in caplog.records if r.getMessage() == "not resuming the stored open iteration"]

@@ -12,11 +12,13 @@ import pytest
 from swarmtune import entries, identity, ledger
 from swarmtune.coordinator.limits import Limits
 from swarmtune.coordinator.server import ServerError
+from swarmtune.coordinator.validation import MAX_BATCH_BYTES
 from swarmtune.entries import Iteration, RetentionReport
 from swarmtune.join import join_request
 from swarmtune.store import LedgerStore, connect
 from swarmtune.wire import service_pb2 as pb
 from tests.support.coordinator_harness import InProcess, SimWorker, in_process, spec_text, with_workers
+from tests.support.coordinator_harness import reasons as member_reasons  # the names `reasons` below
 
 TIMEOUT_S = 30
 
@@ -38,7 +40,7 @@ def iteration_entries(store: LedgerStore, job_id: str) -> list[Iteration]:
 
 
 def reasons(reply: pb.SubmitReply) -> list[str]:
-    return [pb.Reason.Name(status.reason) for status in reply.results]
+    return [pb.Reason.Name(reason) for reason in member_reasons(reply)]
 
 
 async def joined(store: LedgerStore, job_id: str, count: int, body: Callable[[InProcess, list[SimWorker]], Awaitable[None]], **spec: Any) -> None:
@@ -58,7 +60,8 @@ def test_job_runs_to_the_end_and_the_ledger_verifies(store: LedgerStore, job_id:
         assert status.state == pb.JobStatus.FINISHED and status.closed == 3 and len(status.recent) == 3
         assert sum(w.accepted for w in status.workers) == 18 and not status.rejects
         for worker in workers:  # every worker saw every entry, in order, then the end
-            assert [e.index for e in worker.entries()] == list(range(4)) and worker.finished()
+            assert worker.indices() == list(range(4)) and worker.finished()
+            assert [d.index for d in worker.digests()] == [1, 2, 3]  # iteration entries by their digests
         bodies = iteration_entries(store, job_id)
         assert [b.iteration for b in bodies] == [1, 2, 3]
         assert all(len(b.results) == 6 and all(b.coefficients) for b in bodies)
@@ -114,15 +117,14 @@ def test_each_bad_result_gets_its_reason_and_good_ones_still_count(store: Ledger
             "NON_FINITE_REWARD": a.result(opened, m, math.nan),
             "REWARD_OUT_OF_RANGE": a.result(opened, m, 1.5),
             "WRONG_HEAD": a.result(opened, m, 0.5, head_hash=bytes(32)),
-            "WRONG_SEED": a.result(opened, m, 0.5, seed=opened.members[m].seed + 1),
             "WRONG_JOB": a.result(opened, m, 0.5, job_id="another-job"),
             "ITERATION_NOT_OPEN": a.result(opened, m, 0.5, iteration=2),
-            "MALFORMED": b"\x08\x96\x01 not a SignedResult",
+            "MALFORMED": b"\x08\x96\x01 not a ResultBatch",
         }
         infinite = a.result(opened, m, math.inf)
         reply = await a.submit([*cases.values(), infinite])
         assert reasons(reply) == [*cases, "NON_FINITE_REWARD"]
-        assert all(status.detail for status in reply.results)
+        assert all(status.detail for b in reply.batches for status in (b.members or [b.status]))
         reply = await a.submit([good, good])
         assert reasons(reply) == ["ACCEPTED", "DUPLICATE"]
         assert reasons(await a.submit([good, a.result(opened, m, 0.75)])) == ["DUPLICATE", "CONFLICTING_RESULT"]
@@ -139,8 +141,29 @@ def test_each_bad_result_gets_its_reason_and_good_ones_still_count(store: Ledger
 
     run(lambda: joined(store, job_id, 2, body, iterations=2))
     first = iteration_entries(store, job_id)[0]
-    assert len(first.results) == 6 and len({r.record.member for r in first.results}) == 6
+    assert len(first.results) == 6 and len({r.member for r in first.results}) == 6
     assert 0.25 in first.rewards
+
+
+def test_each_member_of_a_batch_gets_its_reason_and_the_entry_records_the_batch_with_what_it_left_out(store: LedgerStore, job_id: str) -> None:
+    async def body(c: InProcess, workers: list[SimWorker]) -> None:
+        a, b = workers
+        opened = await a.until_opened(1)
+        mine, theirs = sorted(opened.assigned), [m for m in range(6) if m not in opened.assigned]
+        mixed = a.batch(opened, [mine[0], mine[1], theirs[0]], [0.25, 1.5, 0.5])
+        by_member = lambda reply: dict(zip(sorted([mine[0], mine[1], theirs[0]]), reasons(reply)))  # noqa: E731  (statuses follow the batch's member order)
+        expected = {mine[0]: "ACCEPTED", mine[1]: "REWARD_OUT_OF_RANGE", theirs[0]: "NOT_ASSIGNED"}
+        assert by_member(await a.submit([mixed])) == expected
+        assert by_member(await a.submit([mixed])) == {**expected, mine[0]: "DUPLICATE"}  # idempotent
+        assert reasons(await a.submit([a.batch(opened, mine[1:])])) == ["ACCEPTED"] * len(mine[1:])
+        opened_b = await b.until_opened(1)
+        await b.submit([b.batch(opened_b, sorted(opened_b.assigned))])
+        await c.until_closed(1)
+
+    run(lambda: joined(store, job_id, 2, body, iterations=1))
+    (first,) = iteration_entries(store, job_id)
+    (mixed,) = [r for r in first.batches if 1.5 in r.batch.rewards]  # recorded whole, under its signature
+    assert len(mixed.excluded) == 2 and len(mixed.counted()[0]) == 1 and len(first.results) == 6
 
 
 def test_the_submission_that_completes_an_iteration_is_acknowledged_once_its_entry_is_stored(store: LedgerStore, job_id: str) -> None:
@@ -152,7 +175,7 @@ def test_the_submission_that_completes_an_iteration_is_acknowledged_once_its_ent
         assert iteration_entries(store, job_id) == []
         assert reasons(await a.submit([a.result(opened, last)])) == ["ACCEPTED"]
         (entry,) = iteration_entries(store, job_id)  # in Redis before the reply: nothing acknowledged is lost
-        assert sorted(r.record.member for r in entry.results) == sorted(opened.assigned)
+        assert sorted(r.member for r in entry.results) == sorted(opened.assigned)
 
     run(lambda: joined(store, job_id, 1, body, iterations=2))
 
@@ -184,18 +207,18 @@ def test_whole_call_refusals(store: LedgerStore, job_id: str) -> None:
         (a,) = workers
         opened = await a.until_opened(1)
         with pytest.raises(grpc.aio.AioRpcError) as info:
-            await c.stub.SubmitResults(pb.SubmitRequest(session=b"forged", results=[]))
+            await c.stub.SubmitResults(pb.SubmitRequest(session=b"forged", batches=[]))
         assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED and "join again" in (info.value.details() or "")
-        too_many = [a.result(opened, opened.assigned[0])] * (Limits().max_results_per_call + 1)
+        too_many = [a.result(opened, opened.assigned[0])] * (Limits().max_batches_per_call + 1)
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await a.submit(too_many)
-        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "split the batch" in (info.value.details() or "")
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "split the submission" in (info.value.details() or "")
         oversized = [b"x" * 1024 * 1024] * 3  # 3 MiB: over the 2 MiB receive limit
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await a.submit(oversized)
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        big_item = await a.submit([b"x" * 5000])
-        assert reasons(big_item) == ["MALFORMED"] and "more than 4096" in big_item.results[0].detail
+        big_item = await a.submit([b"x" * (MAX_BATCH_BYTES + 1)])
+        assert reasons(big_item) == ["MALFORMED"] and f"more than {MAX_BATCH_BYTES}" in big_item.batches[0].status.detail
         # nothing was lost: the worker's results still go through
         reply = await a.submit([a.result(opened, m) for m in opened.assigned])
         assert set(reasons(reply)) == {"ACCEPTED"}

@@ -17,6 +17,7 @@ from swarmtune.models import load_model
 from swarmtune.noise import NoiseConfig
 from swarmtune.seeds import MemberNoise, population
 from swarmtune.shaping import sigma_integer
+from swarmtune import state as state_module
 from swarmtune.state import MasterState, build_plan, master_from_model
 from swarmtune.tasks.base import Example
 
@@ -54,6 +55,15 @@ class Recorder:
         assert target == [example.columns["target"] for example in EXAMPLES]
         self.batches.append(tuple(completions))
         return [sum(map(ord, c)) / (1 + len(c)) + float(t in c) for c, t in zip(completions, target)]
+
+
+def member_weights(state: MasterState, member: MemberNoise, sigma_int: int, noise: NoiseConfig, dtype: torch.dtype) -> dict[int, torch.Tensor]:
+    """perturbed_weights' chunks put together, each tensor shaped."""
+    chunks: dict[int, list[torch.Tensor]] = {}
+    for index, start, weights in perturbed_weights(state, member, sigma_int, noise, dtype):
+        assert start == sum(chunk.numel() for chunk in chunks.get(index, []))  # in order, contiguous
+        chunks.setdefault(index, []).append(weights)
+    return {index: torch.cat(parts).view(state.specs[index].shape) for index, parts in chunks.items()}
 
 
 def evaluator(model: Any, tokenizer: Any, family: str, rank: int = 1, max_rows: int | None = None) -> HFBackend:
@@ -103,7 +113,7 @@ def test_hooked_linear_equals_materialised_linear(loaded: tuple[Any, Any]) -> No
     with lowrank_hooks(model, deltas), torch.no_grad():
         hooked = linear(x.clone())
     for row, member in enumerate(members):
-        weight = dict(perturbed_weights(state, member, sigma_int, noise, torch.float32))[index]
+        weight = member_weights(state, member, sigma_int, noise, torch.float32)[index]
         torch.testing.assert_close(hooked[row], x[row] @ weight.t(), rtol=1e-5, atol=1e-6)
 
 
@@ -114,8 +124,8 @@ def test_antithetic_perturbations_are_opposite(loaded: tuple[Any, Any]) -> None:
     plus, minus = population(11, 0, 2, antithetic=True)
     assert plus.seed == minus.seed and (plus.sign, minus.sign) == (1, -1)
     sigma_int = sigma_integer(SIGMA)
-    ups = dict(perturbed_weights(state, plus, sigma_int, noise, torch.float64))
-    downs = dict(perturbed_weights(state, minus, sigma_int, noise, torch.float64))
+    ups = member_weights(state, plus, sigma_int, noise, torch.float64)
+    downs = member_weights(state, minus, sigma_int, noise, torch.float64)
     assert set(ups) == set(downs) == set(range(len(state.specs)))
     for index, spec in enumerate(state.specs):
         center = derive(state.q[index], spec.exponent, torch.float64)
@@ -214,3 +224,22 @@ def test_set_center_writes_the_new_state(loaded: tuple[Any, Any]) -> None:
     ev.generate([EXAMPLES[0].prompt], 2)  # the center again, after the members left their weights
     for spec, q in zip(moved.specs, moved.q):
         assert torch.equal(model.get_parameter(spec.name).detach(), derive(q, spec.exponent, torch.float32))
+
+
+def test_members_and_center_are_derived_in_place_chunk_by_chunk(loaded: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunks of a few rows: a member's weights are derive(Q + P) in place, the center derive(Q) again
+    afterwards (no cached copy of the center, no float undo); the backend shares the replica's Q."""
+    model, tokenizer = loaded
+    ev = evaluator(model, tokenizer, "dense")
+    assert not hasattr(ev, "_center")
+    monkeypatch.setattr(state_module, "CHUNK_ELEMENTS", 200)
+    member = population(5, 1, 2, antithetic=True)[1]
+    ev.evaluate([member], EXAMPLES[:1], lambda p, c, **_: [0.0], 1)
+    expected = member_weights(ev.state, member, ev.sigma_int, ev.noise, torch.float32)
+    for index, spec in enumerate(ev.state.specs):
+        assert torch.equal(model.get_parameter(spec.name).detach(), expected[index].to(model.dtype)), spec.name
+    ev.state.q[0].view(-1)[:5] += 3  # the replica's update, in place
+    ev.set_center(ev.state)
+    ev.generate([EXAMPLES[0].prompt], 1)
+    for spec, q in zip(ev.state.specs, ev.state.q):
+        assert torch.equal(model.get_parameter(spec.name).detach(), derive(q, spec.exponent, model.dtype)), spec.name

@@ -14,8 +14,8 @@ from swarmtune.backends.registry import backend_factory
 
 def test_backends_by_name() -> None:
     assert backend_factory("hf") is hf.build
-    for name in ("vllm", "onnx"):
-        with pytest.raises(BackendError, match=rf"^unknown backend '{name}': use one of hf$"):
+    for name in ("onnx", "tensorrt"):
+        with pytest.raises(BackendError, match=rf"^unknown backend '{name}': use one of hf, vllm$"):
             backend_factory(name)
 
 

@@ -8,14 +8,14 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from swarmtune import entries, identity
-from swarmtune.entries import Attestation, RetentionReport, Signed, WorkerResult
+from swarmtune.entries import Attestation, RetentionReport, Signed
 from swarmtune.wire import ledger_pb2 as pb
 from tests.support.ledger_factory import sound_chain
 
 
-def _worker_result() -> tuple[Ed25519PrivateKey, WorkerResult]:
+def _worker_record() -> tuple[Ed25519PrivateKey, RetentionReport]:
     worker = identity.generate_key()
-    return worker, WorkerResult("job-a", 3, 7, 2**64 - 1, bytes(32), -0.5, identity.public_key_bytes(worker))
+    return worker, RetentionReport("job-a", 2**64 - 1, bytes(32), identity.public_key_bytes(worker), (("probe", -0.5),))
 
 
 def test_every_kind_roundtrips_through_seal_and_parse() -> None:
@@ -59,11 +59,11 @@ def test_genesis_records_the_spec_digest() -> None:
     assert genesis.job_spec_sha256 == hashlib.sha256(b"spec").digest()
 
 
-def test_signed_result_keeps_the_exact_body_bytes_and_verifies() -> None:
-    worker, record = _worker_result()
+def test_signed_record_keeps_the_exact_body_bytes_and_verifies() -> None:
+    worker, record = _worker_record()
     signed = entries.sign_record(worker, record)
     wire = entries.encode_signed(signed)
-    decoded = entries.decode_signed(WorkerResult, wire)
+    decoded = entries.decode_signed(RetentionReport, wire)
     assert decoded == signed and decoded.record == record
     assert entries.verify_record(decoded)
     tampered = Signed(record, signed.body[:-1] + bytes([signed.body[-1] ^ 1]), signed.signature)
@@ -91,16 +91,16 @@ def test_parse_rejects_garbage_with_entry_error(garbage: bytes) -> None:
 def test_parse_names_the_kind_when_a_nested_record_is_corrupt() -> None:
     chain = sound_chain(iterations=1)
     envelope = pb.Entry.FromString(entries.parse_entry(chain.stored[1]).envelope)
-    envelope.iteration.results[2].result = b"\xff\xff"
+    envelope.iteration.batches[2].members = b"\x00"  # a zero gap: not a canonical member list
     stored = pb.SignedEntry(entry=envelope.SerializeToString(), signature=bytes(64)).SerializeToString()
-    with pytest.raises(entries.EntryError, match="result 2") as caught:
+    with pytest.raises(entries.EntryError, match="batch 2") as caught:
         entries.parse_entry(stored)
     assert caught.value.kind == "iteration"
 
 
 def test_decode_signed_rejects_garbage() -> None:
     with pytest.raises(entries.EntryError):
-        entries.decode_signed(WorkerResult, b"\x0a\x03\xff\xff\xff")
+        entries.decode_signed(Attestation, b"\x0a\x03\xff\xff\xff")
 
 
 @pytest.mark.parametrize("job_id", ["", "a b", "x" * 65, "job/1", "{job}", "é"])

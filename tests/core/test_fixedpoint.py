@@ -36,7 +36,7 @@ def test_genesis_round_trip_is_exact_for_ordinary_weights(dtype: torch.dtype) ->
     w = (torch.randn(4096) * 0.05).to(dtype)
     exponent = fixedpoint.choose_exponent(w)
     q = fixedpoint.to_fixed(w, exponent)
-    assert int(q.abs().max()) < 2**fixedpoint.GENESIS_BITS
+    assert q.dtype == fixedpoint.Q_DTYPE and int(q.abs().max()) < 2**fixedpoint.GENESIS_BITS
     derived = fixedpoint.derive(q, exponent, dtype)
     # Weights above 2^-(F - 24) are exact in Q; smaller ones round to the 2^-F grid.
     big = w.float().abs() >= 2.0 ** (24 - exponent)
@@ -46,14 +46,17 @@ def test_genesis_round_trip_is_exact_for_ordinary_weights(dtype: torch.dtype) ->
 
 def test_exponent_rules() -> None:
     assert fixedpoint.choose_exponent(torch.zeros(3)) == fixedpoint.EXPONENT_MAX
-    assert fixedpoint.choose_exponent(torch.tensor([0.5, -0.25])) == fixedpoint.EXPONENT_MAX
-    assert fixedpoint.choose_exponent(torch.tensor([3000.0])) == 50 - 12
-    with pytest.raises(ValueError, match="NaN"):
-        fixedpoint.choose_exponent(torch.tensor([1.0, float("nan")]))
+    assert fixedpoint.choose_exponent(torch.tensor([2.0**-13, -(2.0**-14)])) == fixedpoint.EXPONENT_MAX
+    assert fixedpoint.choose_exponent(torch.tensor([0.5, -0.25])) == 28 - 0
+    assert fixedpoint.choose_exponent(torch.tensor([3000.0])) == 28 - 12
+    assert fixedpoint.choose_exponent(torch.tensor([-3000.0, 1.0], dtype=torch.bfloat16)) == 28 - 12  # sign ignored
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(ValueError, match="NaN"):
+            fixedpoint.choose_exponent(torch.tensor([1.0, bad]))
 
 
 def test_derive_is_the_specified_rounding_chain() -> None:
-    q = torch.tensor([2**52 + 1, -(2**40) - 3, 12345678901, 1], dtype=torch.int64)
+    q = torch.tensor([2**31 - 1, -(2**30) - 3, 123456789, 1], dtype=fixedpoint.Q_DTYPE)
     for exponent in (40, 20, 0):
         expected = [float(Fraction(int(v), 1 << exponent)) for v in q]  # correctly rounded to float64
         f32 = torch.tensor(expected, dtype=torch.float64).to(torch.float32)
@@ -62,6 +65,7 @@ def test_derive_is_the_specified_rounding_chain() -> None:
 
 
 def test_overflow_is_reported_with_a_remedy() -> None:
-    fixedpoint.check_range(torch.tensor([2**53 - 1, -(2**53) + 1]), "ok")
-    with pytest.raises(fixedpoint.FixedPointOverflow, match="Lower the job's alpha"):
-        fixedpoint.check_range(torch.tensor([0, -(2**53)]), "model.layers.0.mlp.up_proj.weight")
+    fixedpoint.check_range(torch.tensor([2**31 - 1, -(2**31) + 1]), "ok")
+    for outside in (2**31, -(2**31)):  # -2^31 fits int32 but not the symmetric range
+        with pytest.raises(fixedpoint.FixedPointOverflow, match="Lower the job's alpha"):
+            fixedpoint.check_range(torch.tensor([0, outside]), "model.layers.0.mlp.up_proj.weight")

@@ -67,6 +67,9 @@ def test_every_table_maps_to_fields() -> None:
             "redundancy_tolerance = 0.01",
             "revoke_after = 2",
             "attest_every = 3",
+            "checkpoint_every = 6",
+            "checkpoint_quorum = 3",
+            "spot_check = 0.05",
             "[retention]",
             'task = "math"',
             "every = 4",
@@ -80,6 +83,7 @@ def test_every_table_maps_to_fields() -> None:
     assert (spec.population, spec.sigma, spec.alpha, spec.shaping, spec.antithetic) == (10, 0.01, 0.005, "centered_rank", True)
     assert spec.noise.family == "lowrank" and spec.noise.rank == 2 and spec.lowrank_others == "dense"
     assert (spec.deadline_seconds, spec.quorum, spec.redundancy, spec.revoke_after, spec.attest_every) == (5.0, 0.8, 2, 2, 3)
+    assert (spec.checkpoint_every, spec.checkpoint_quorum, spec.spot_check) == (6, 3, 0.05)
     assert spec.retention_task == "math" and spec.retention_options == {"data": "x.jsonl"} and spec.pause_on_alert
     assert [t for t in range(1, 10) if spec.retention_due(t)] == [1, 5, 9]
 
@@ -102,6 +106,9 @@ def test_every_table_maps_to_fields() -> None:
         (["[retention]", 'task = "math"'], "[retention] task and [retention] every go together"),
         (["[retention]", "pause_on_alert = true"], "pause_on_alert needs [retention] alert_threshold > 0"),
         (["[optimizer]", "lr = 1"], "unknown table [optimizer]"),
+        (["[schedule]", "attest_every = 2", "checkpoint_every = 5"], "checkpoint_every (5) must be a multiple of [schedule] attest_every (2"),
+        (["[schedule]", "attest_every = 0", "checkpoint_every = 5"], "checkpoint_every (5) must be a multiple"),
+        (["[schedule]", "spot_check = 1.5"], "[schedule] spot_check must be in [0.0, 1.0], got 1.5"),
     ],
 )
 def test_invalid_values_name_the_field(extra: list[str], message: str) -> None:

@@ -8,8 +8,9 @@ from dataclasses import replace
 
 import pytest
 
-from swarmtune import entries, identity, ledger, precheck
-from swarmtune.entries import Admission, Checkpoint, Iteration, Revocation, WorkerResult
+from swarmtune import batches, entries, identity, ledger, precheck
+from swarmtune.batches import Recorded
+from swarmtune.entries import Admission, Checkpoint, Iteration, Revocation
 from swarmtune.wire import ledger_pb2 as pb
 from tests.support.ledger_factory import BASE_STATE, ChainBuilder, sound_chain
 
@@ -51,31 +52,31 @@ def test_sound_ledger_verifies_and_counts_what_it_checked() -> None:
     assert report.head_hash == entries.parse_entry(chain.stored[-1]).hash
     kinds = {"genesis": 1, "iteration": 3, "admission": 1, "attestation": 1, "checkpoint": 1, "revocation": 1}
     assert report.kinds == kinds
-    assert report.worker_signatures == 3 * 4 + 1 + 2
+    assert report.worker_signatures == 3 + 4 + 4 + 1 + 2  # one batch per worker and iteration, attestations
     assert report.to_json()["ok"] is True
 
 
-def test_results_checked_ahead_are_exactly_those_whose_signatures_verify() -> None:
+def test_batches_checked_ahead_are_exactly_those_whose_signatures_verify() -> None:
     original, stored = _reward_edited_by_the_coordinator()
     with ThreadPoolExecutor(2) as pool:
-        checked = precheck.checked_results(map(precheck.parse, [*stored, b"not an entry"]), pool)
-    results = entries.parse_entry(stored[1]).entry.body.results  # type: ignore[union-attr]
-    assert checked == {(r.body, r.signature) for i, r in enumerate(results) if i != 1}  # result 1 is forged
-    assert (original.body, original.signature) not in checked  # never recorded, so never checked
-    mine = {(results[0].body, results[0].signature)}
+        checked = precheck.checked_batches(map(precheck.parse, [*stored, b"not an entry"]), pool)
+    recorded = entries.parse_entry(stored[1]).entry.body.batches  # type: ignore[union-attr]
+    assert checked == {r.batch.signed for i, r in enumerate(recorded) if i != 1}  # batch 1 is forged
+    assert original.batch.signed not in checked  # never recorded, so never checked
+    mine = {recorded[0].batch.signed}
     with ThreadPoolExecutor(2) as pool:
-        assert precheck.checked_results(map(precheck.parse, stored), pool, skip=mine) == checked - mine  # a worker's own: not checked again
+        assert precheck.checked_batches(map(precheck.parse, stored), pool, skip=mine) == checked - mine  # a worker's own: not checked again
 
 
-def test_a_forged_result_among_many_is_caught_on_the_pool_too() -> None:
-    chain = ChainBuilder()
-    honest = chain.iteration(members=3 * precheck.RESULT_CHUNK)  # several chunks: checked on the pool
-    forged = replace(honest.results[200], signature=bytes(64))
-    stored = _one_iteration(chain, members=len(honest.members), results=(*honest.results[:200], forged, *honest.results[201:]))
+def test_a_forged_batch_among_many_is_caught_on_the_pool_too() -> None:
+    chain = ChainBuilder(workers=3 * precheck.BATCH_CHUNK)
+    honest = chain.iteration(members=2 * len(chain.workers))  # several chunks: checked on the pool
+    forged = replace(honest.batches[20], batch=replace(honest.batches[20].batch, signature=bytes(64)))
+    stored = _one_iteration(chain, members=honest.plan.population, batches=(*honest.batches[:20], forged, *honest.batches[21:]))
     with ThreadPoolExecutor(2) as pool:
-        checked = precheck.checked_results(map(precheck.parse, stored), pool)
-    assert checked == {(r.body, r.signature) for r in honest.results} - {(forged.body, honest.results[200].signature)}
-    assert "result 200: worker signature invalid" in _problem(stored).message
+        checked = precheck.checked_batches(map(precheck.parse, stored), pool)
+    assert checked == {r.batch.signed for r in honest.batches} - {honest.batches[20].batch.signed}
+    assert "batch 20: worker signature invalid" in _problem(stored).message
 
 
 def test_a_walk_continued_from_where_another_stopped_agrees_with_whole_chain_verification() -> None:
@@ -92,54 +93,73 @@ def test_reward_edited_in_place_breaks_the_coordinator_signature_at_that_entry()
     k = 3
 
     def raise_reward(envelope: pb.Entry) -> None:
-        body = pb.WorkerResult.FromString(envelope.iteration.results[0].result)
-        body.reward = 1e9
-        envelope.iteration.results[0].result = body.SerializeToString()
+        envelope.iteration.batches[0].rewards = batches.pack_rewards([1e9])
 
     stored = list(chain.stored)
     stored[k] = _with_envelope(stored[k], raise_reward)
     _expect(stored, k, "iteration", "coordinator signature invalid")
 
 
-def _reward_edited_by_the_coordinator() -> tuple[entries.Signed[WorkerResult], list[bytes]]:
-    """Worker 1's honest result, and a ledger whose entry 1 records it with another reward under its signature."""
+def _reward_edited_by_the_coordinator() -> tuple[Recorded, list[bytes]]:
+    """Worker 1's honest batch, and a ledger whose entry 1 records it with another reward under its signature."""
     chain = ChainBuilder()
     honest = chain.iteration()
-    original = honest.results[1]
-    body = pb.WorkerResult.FromString(original.body)
-    body.reward = 1e9
-    forged = entries.Signed(replace(original.record, reward=1e9), body.SerializeToString(), original.signature)
-    results = (honest.results[0], forged, *honest.results[2:])
-    rewards = (honest.rewards[0], 1e9, *honest.rewards[2:])
-    return original, _one_iteration(chain, results=results, rewards=rewards)
+    original = honest.batches[1]
+    b = original.batch
+    forged = Recorded(batches.parts(b.job_id, b.iteration, b.head_hash, b.worker_key, b.packed_members, batches.pack_rewards([1e9]), b.signature))
+    return original, _one_iteration(chain, batches=(honest.batches[0], forged, *honest.batches[2:]))
 
 
 def test_reward_edited_by_the_coordinator_breaks_the_worker_signature() -> None:
     _, stored = _reward_edited_by_the_coordinator()
-    _expect(stored, 1, "iteration", "result 1: worker signature invalid")
+    _expect(stored, 1, "iteration", "batch 1: worker signature invalid")
 
 
 def test_a_worker_skips_only_its_own_exact_signatures() -> None:
     original, stored = _reward_edited_by_the_coordinator()
     state, _ = ledger.start(stored[0])
-    mine = {(original.body, original.signature)}  # what the worker signed: the reward it measured
-    with pytest.raises(ledger.LedgerError, match="result 1: worker signature invalid"):
+    mine = {original.batch.signed}  # what the worker signed: the reward it measured
+    with pytest.raises(ledger.LedgerError, match="batch 1: worker signature invalid"):
         ledger.advance(state, stored[1], vouched=mine)  # its signature on other bytes counts for nothing
     # What it vouches for is taken as signed, byte for byte, and is not verified again.
     chain = ChainBuilder()
     first = chain.iteration()
-    unchecked = replace(first.results[1], signature=bytes(64))
-    stored = _one_iteration(chain, results=(first.results[0], unchecked, *first.results[2:]))
+    unchecked = replace(first.batches[1], batch=replace(first.batches[1].batch, signature=bytes(64)))
+    stored = _one_iteration(chain, batches=(first.batches[0], unchecked, *first.batches[2:]))
     state, _ = ledger.start(stored[0])
-    ledger.advance(state, stored[1], vouched={(unchecked.body, unchecked.signature)})
-    with pytest.raises(ledger.LedgerError, match="result 1: worker signature invalid"):
+    ledger.advance(state, stored[1], vouched={unchecked.batch.signed})
+    with pytest.raises(ledger.LedgerError, match="batch 1: worker signature invalid"):
         ledger.advance(state, stored[1])
 
 
-def test_recorded_reward_not_from_a_result_is_caught() -> None:
+def _disputed(chain: ChainBuilder, second_reward: float, disputed: tuple[float, ...]) -> Iteration:
+    """The next iteration with a second replica of member 0 (worker 1's), of `second_reward`."""
+    body = chain.iteration()
+    extra = Recorded(chain.batch(chain.workers[1], body.iteration, [0], body.opened_head, [second_reward]))
+    return replace(body, batches=(*body.batches, extra), disputed=disputed)
+
+
+def test_a_disputed_member_settles_on_one_of_its_replicas_rewards() -> None:
     chain = ChainBuilder()
-    rewards = (*chain.iteration().rewards[:3], 42.0)
-    _expect(_one_iteration(chain, rewards=rewards), 1, "iteration", "member 3's reward 42.0 is outside")
+    first = chain.iteration().rewards[0]
+    chain.add(_disputed(chain, 0.9, (first,)))
+    assert ledger.verify_chain(chain.stored).ok
+    assert entries.parse_entry(chain.stored[-1]).entry.body.rewards[0] == first  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("second", "disputed", "fragment"),
+    [
+        (0.9, (42.0,), "member 0's reward 42.0 is none of its results' rewards"),
+        (0.9, (), "1 members' replicas differ but 0 disputed rewards are recorded"),
+        (None, (0.5,), "0 members' replicas differ but 1 disputed rewards are recorded"),
+    ],
+)
+def test_recorded_reward_not_from_a_result_is_caught(second: float | None, disputed: tuple[float, ...], fragment: str) -> None:
+    chain = ChainBuilder()
+    body = _disputed(chain, 0.9, disputed) if second is not None else replace(chain.iteration(), disputed=disputed)
+    chain.add(body)
+    _expect(chain.stored, 1, "iteration", fragment)
 
 
 def test_swapped_signatures_are_caught_at_the_first_swapped_entry() -> None:
@@ -180,7 +200,7 @@ def test_entry_sealed_by_another_coordinator_key_is_caught() -> None:
 
 def test_result_from_an_unadmitted_worker_is_rejected() -> None:
     chain = ChainBuilder(workers=3, admitted=2)
-    _expect(_one_iteration(chain, workers=chain.workers), 1, "iteration", "result 2: worker")
+    _expect(_one_iteration(chain, workers=chain.workers), 1, "iteration", "batch 2: worker")
     assert "is not admitted" in _problem(chain.stored).message
 
 
@@ -212,41 +232,60 @@ def test_revoking_an_unknown_key_is_refused() -> None:
     _expect(chain.stored, 1, "revocation", "is not admitted")
 
 
-def _bad_result(chain: ChainBuilder, **changes: object) -> Iteration:
+def _bad_batch(chain: ChainBuilder, **changes: object) -> Iteration:
+    """The next iteration with worker 0's batch re-signed with `changes` to what it binds or holds."""
     body = chain.iteration()
-    first = body.results[0]
-    record = replace(first.record, **changes)  # type: ignore[arg-type]
-    resigned = entries.sign_record(chain.workers[0], record)
-    return replace(body, results=(resigned, *body.results[1:]))
+    first = body.batches[0].batch
+    values: dict[str, object] = dict(job_id=first.job_id, iteration=first.iteration, head_hash=first.head_hash, members=first.members, rewards=first.rewards)
+    values.update(changes)
+    resigned = batches.sign_batch(chain.workers[0], **values)  # type: ignore[arg-type]
+    return replace(body, batches=(Recorded(resigned), *body.batches[1:]))
 
 
 @pytest.mark.parametrize(
     ("changes", "fragment"),
     [
-        ({"seed": 99}, "seed 99 is not member 0's seed"),
-        ({"member": 77}, "member 77 is not in the iteration"),
-        ({"head_hash": bytes(32)}, "another ledger head"),
-        ({"job_id": "other-job"}, "bound to job 'other-job'"),
-        ({"iteration": 5}, "bound to iteration 5"),
-        ({"reward": math.nan}, "not finite"),
+        ({"members": [0, 77], "rewards": [0.5, 0.5]}, "member 77 is not in the iteration"),
+        # What a batch is bound to is the entry's own: a batch signed for another is no signature of this one.
+        ({"head_hash": bytes(32)}, "batch 0: worker signature invalid"),
+        ({"job_id": "other-job"}, "batch 0: worker signature invalid"),
+        ({"iteration": 5}, "batch 0: worker signature invalid"),
+        ({"rewards": [math.nan, 0.5]}, "counts reward nan, which is not finite"),
     ],
 )
-def test_result_not_bound_to_its_slot_is_rejected(changes: dict[str, object], fragment: str) -> None:
+def test_batch_not_bound_to_its_iteration_is_rejected(changes: dict[str, object], fragment: str) -> None:
     chain = ChainBuilder()
-    chain.add(_bad_result(chain, **changes))
+    chain.add(_bad_batch(chain, **changes))
     _expect(chain.stored, 1, "iteration", fragment)
+
+
+def test_a_non_finite_reward_the_iteration_excludes_does_not_count() -> None:
+    chain = ChainBuilder()
+    body = _bad_batch(chain, rewards=[math.nan, 0.25 * ((1 + 3) % 5)])  # member 0's reward NaN, member 3's honest
+    (first, *rest) = body.batches
+    chain.add(replace(body, batches=(replace(first, excluded=(0,)), *rest), coefficients=(0, *body.coefficients[1:])))
+    assert ledger.verify_chain(chain.stored).ok
+
+
+def test_a_batch_cannot_exclude_members_it_does_not_hold() -> None:
+    chain = ChainBuilder()
+    body = chain.iteration()
+    (first, *rest) = body.batches
+    _expect(_one_iteration(chain, batches=(replace(first, excluded=(1,)), *rest)), 1, "iteration", "excludes members the batch does not hold")
 
 
 def test_two_results_from_one_worker_for_one_member_are_refused() -> None:
     chain = ChainBuilder()
     body = chain.iteration()
-    _expect(_one_iteration(chain, results=(*body.results, body.results[0])), 1, "iteration", "a second result")
+    again = Recorded(chain.batch(chain.workers[0], body.iteration, [0], body.opened_head, [body.rewards[0]]))
+    _expect(_one_iteration(chain, batches=(*body.batches, again)), 1, "iteration", "a second result from the same worker for member 0")
 
 
 def test_member_without_result_must_have_zero_coefficient() -> None:
     chain = ChainBuilder()
     body = chain.iteration()
-    _expect(_one_iteration(chain, results=body.results[:3]), 1, "iteration", "member 3 has no result but coefficient")
+    (first, *rest) = body.batches  # worker 0's batch holds members 0 and 3
+    _expect(_one_iteration(chain, batches=(replace(first, excluded=(3,)), *rest)), 1, "iteration", "member 3 has no result but coefficient")
 
 
 @pytest.mark.parametrize(
@@ -349,14 +388,12 @@ def test_empty_ledger_is_not_sound() -> None:
     _expect([], 0, "none", "empty")
 
 
-def test_result_problem_is_what_the_coordinator_checks_submissions_with() -> None:
+def test_batch_problem_checks_one_recorded_batch_against_the_chain() -> None:
     chain = ChainBuilder()
     state, _ = ledger.start(chain.stored[0])
     body = chain.iteration()
-    seeds = {m.member: m.seed for m in body.members}
-    assert ledger.result_problem(state, body.results[0], 1, body.opened_head, seeds) is None
+    assert ledger.batch_problem(state, body.batches[0], 4) is None
+    assert "member 3 is not in the iteration" in str(ledger.batch_problem(state, body.batches[0], 3))
     stranger = identity.generate_key()
-    claim = replace(body.results[0].record, worker_key=identity.public_key_bytes(stranger))
-    foreign = entries.sign_record(stranger, claim)
-    assert "not admitted" in str(ledger.result_problem(state, foreign, 1, body.opened_head, seeds))
-    assert isinstance(body.results[0].record, WorkerResult)
+    foreign = Recorded(chain.batch(stranger, 1, [0], body.opened_head, [0.5]))
+    assert "not admitted" in str(ledger.batch_problem(state, foreign, 4))

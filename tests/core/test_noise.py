@@ -92,3 +92,14 @@ def test_noise_config_validation() -> None:
         noise.NoiseConfig(family="sparse")
     with pytest.raises(ValueError, match="distribution"):
         noise.NoiseConfig(distribution="uniform")
+
+
+@pytest.mark.parametrize("distribution", ["rademacher", "gaussian"])
+def test_a_run_from_an_offset_is_that_slice_of_the_whole_stream(distribution: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    values = noise.noise_alphabet(distribution)
+    whole = noise.dense_noise_map(9, [(4, 1000)], distribution, values)
+    monkeypatch.setattr(noise, "CHUNK_ELEMENTS", 96)  # generation chunks that straddle the runs' ends
+    for start, count in ((0, 1000), (1, 63), (63, 130), (257, 743), (999, 1)):
+        assert torch.equal(noise.dense_noise_map(9, [(4, count)], distribution, values, start), whole[start : start + count])
+    with pytest.raises(ValueError, match="one tensor"):
+        noise.dense_noise_map(9, [(4, 10), (5, 10)], distribution, values, 3)

@@ -50,11 +50,18 @@ def tiny_state(vectors: dict[str, Any], treatments: tuple[str, str]) -> state.Ma
     specs = tuple(
         entries.TensorSpec(t["name"], tuple(t["shape"]), t["exponent"], treatment) for t, treatment in zip(tensors, treatments)
     )
-    return state.MasterState(specs, tuple(torch.tensor(t["q"], dtype=torch.int64).view(t["shape"]) for t in tensors))
+    return state.MasterState(specs, tuple(torch.tensor(t["q"], dtype=state.Q_DTYPE).view(t["shape"]) for t in tensors))
+
+
+def reference_tensors(vectors: dict[str, Any], qs: list[list[int]]) -> list[tuple[str, tuple[int, ...], int, list[int]]]:
+    return [(t["name"], tuple(t["shape"]), t["exponent"], q) for t, q in zip(vectors["tiny_state"]["tensors"], qs)]
 
 
 def test_state_hash(vectors: dict[str, Any]) -> None:
-    assert state.state_hash(tiny_state(vectors, ("dense", "dense"))).hex() == vectors["tiny_state"]["sha256"]
+    expected = vectors["tiny_state"]["sha256"]
+    assert state.state_hash(tiny_state(vectors, ("dense", "dense"))).hex() == expected
+    qs = [t["q"] for t in vectors["tiny_state"]["tensors"]]
+    assert ref.state_hash(reference_tensors(vectors, qs)).hex() == expected
 
 
 def test_coefficients(vectors: dict[str, Any]) -> None:
@@ -77,3 +84,15 @@ def test_updates(vectors: dict[str, Any], name: str, treatments: tuple[str, str]
     update.apply_iteration_(current, update.IterationUpdate(members, tuple(v["coefficients"])), config)
     assert [t.flatten().tolist() for t in current.q] == v["q_after"]
     assert state.state_hash(current).hex() == v["sha256_after"]
+    weights = update.seed_weights(members, tuple(v["coefficients"]))
+    expected = []
+    for index, (spec, t) in enumerate(zip(current.specs, vectors["tiny_state"]["tensors"])):
+        if spec.treatment == "lowrank":
+            delta = ref.lowrank_delta(weights, index, *spec.shape, config.rank, spec.exponent)
+        elif spec.treatment == "dense":
+            delta = ref.dense_delta(weights, index, spec.numel, config.distribution, spec.exponent)
+        else:
+            delta = [0] * spec.numel
+        expected.append(ref.apply_update(t["q"], delta))
+    assert expected == v["q_after"]
+    assert ref.state_hash(reference_tensors(vectors, expected)).hex() == v["sha256_after"]

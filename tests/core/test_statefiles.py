@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from swarmtune import statefiles
 from swarmtune.modelbuild import build_tokenizer
+from swarmtune.fixedpoint import Q_DTYPE
 from swarmtune.state import build_plan, master_from_model, state_hash
 from tests.support.tiny_models import tiny_llama
 
@@ -30,7 +31,7 @@ def loaded_base_state(directory: Path, family: str, others: str) -> statefiles.B
     """Today's reference: from_pretrained (as models.load_model loads it), then master_from_model + state_hash."""
     model = AutoModelForCausalLM.from_pretrained(str(directory), dtype="auto")
     state = master_from_model(model, build_plan(model, family, others))
-    return statefiles.BaseState(state.specs, state_hash(state))
+    return statefiles.BaseState(state.specs, state_hash(state), model.dtype)
 
 
 def edit_config(directory: Path, **changes: object) -> None:
@@ -108,3 +109,30 @@ def test_bin_checkpoint_falls_back_to_loading(tmp_path: Path, caplog: pytest.Log
         found = statefiles.genesis_base_state(directory, "lowrank", "frozen")
     assert found == reference
     assert "loading the whole model" in caplog.text and "no model.safetensors" in caplog.text
+
+
+def test_non_finite_weights_are_refused_as_when_loaded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    directory = saved(tmp_path, tie=False, dtype=torch.float32)
+    weights = load_file(str(directory / "model.safetensors"))
+    weights["model.layers.1.mlp.up_proj.weight"][-1, -1] = float("nan")
+    save_file(weights, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    monkeypatch.setattr(statefiles, "CHUNK_ELEMENTS", 1000)  # the NaN in the last of several chunks
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        statefiles.streamed_base_state(directory, "dense", "frozen")
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        statefiles.master_from_files(directory, build_plan(AutoModelForCausalLM.from_pretrained(str(directory)), "dense"))
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_master_from_files_equals_master_from_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tie: bool) -> None:
+    directory = saved(tmp_path, tie=tie, dtype=torch.bfloat16, shard=True)
+    model = AutoModelForCausalLM.from_pretrained(str(directory), dtype="auto")
+    plan = build_plan(model, "lowrank", "dense")
+    reference = master_from_model(model, plan)
+    monkeypatch.setattr(statefiles, "CHUNK_ELEMENTS", 1000)
+    state = statefiles.master_from_files(directory, plan)
+    assert state.specs == reference.specs
+    assert all(a.dtype == b.dtype == Q_DTYPE and torch.equal(a, b) for a, b in zip(state.q, reference.q))
+    assert state_hash(state) == statefiles.streamed_base_state(directory, "lowrank", "dense").state_hash
+    with pytest.raises(statefiles.StateFileError, match="that the tensor plan does not list"):
+        statefiles.master_from_files(directory, {name: kind for name, kind in plan.items() if "norm" not in name})

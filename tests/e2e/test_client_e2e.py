@@ -18,7 +18,7 @@ import pytest
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from swarmtune import entries, identity, ledger, ledgerfile
+from swarmtune import batches, entries, identity, ledger, ledgerfile
 from swarmtune.client import audit as client_audit
 from swarmtune.client.status import JobStatus, StatusError, fetch_status
 from swarmtune.demo.cluster import child_env
@@ -123,10 +123,14 @@ def with_body(run: Run, index: int, body: entries.Body) -> list[bytes]:
 def reward_resigned_by_wrong_key(run: Run) -> tuple[list[bytes], int, str]:
     target = run.index_of(lambda e: isinstance(e.entry.body, Iteration))
     body: Iteration = run.parsed[target].entry.body  # type: ignore[assignment]
-    original = body.results[0]
-    # The forged record still names the original worker; its signature is another key's.
-    forged = entries.sign_record(identity.generate_key(), replace(original.record, reward=original.record.reward + 0.5))
-    return with_body(run, target, replace(body, results=(forged, *body.results[1:]))), target, "worker signature invalid"
+    original = body.batches[0]
+    # The forged batch still names the original worker; its signature is another key's.
+    b = original.batch
+    raised = batches.pack_rewards([r + 0.5 for r in b.rewards])
+    payload = batches.payload(b.job_id, b.iteration, b.head_hash, b.worker_key, b.packed_members, raised)
+    signature = identity.sign(identity.generate_key(), identity.CONTEXT_BATCH, payload)
+    forged = replace(original, batch=batches.parts(b.job_id, b.iteration, b.head_hash, b.worker_key, b.packed_members, raised, signature))
+    return with_body(run, target, replace(body, batches=(forged, *body.batches[1:]))), target, "worker signature invalid"
 
 
 def coefficient_changed(run: Run) -> tuple[list[bytes], int, str]:
@@ -153,7 +157,7 @@ def result_from_revoked_key(run: Run) -> tuple[list[bytes], int, str]:
     position = run.index_of(lambda e: isinstance(e.entry.body, Iteration) and e.entry.body.iteration == 2)
     target = run.parsed[position]
     previous = run.parsed[position - 1]
-    revoked = target.entry.body.results[0].record.worker_key  # type: ignore[union-attr]
+    revoked = target.entry.body.batches[0].batch.worker_key  # type: ignore[union-attr]
     revocation = reseal(run, entries.next_entry(previous, Revocation(revoked, "test: key leaked", ""), 1))
     moved = replace(target.entry, index=position + 1, prev_hash=entries.entry_hash(revocation))
     stored = [*run.stored[:position], revocation, reseal(run, moved), *run.stored[position + 1 :]]
@@ -193,7 +197,9 @@ def test_audit_passes_on_the_real_ledger(run: Run, sound_report: client_audit.Au
     assert sound_report.ok, sound_report.describe()
     assert sound_report.entries == len(run.stored) and sound_report.iterations == ITERATIONS
     assert sound_report.attestations_checked == sum(isinstance(e.entry.body, Signed) for e in run.parsed) > 0
-    assert sound_report.worker_signatures > ITERATIONS * 6
+    bodies = [e.entry.body for e in run.parsed]
+    signed = sum(len(b.batches) + len(b.retention) if isinstance(b, Iteration) else len(b.attestations) if isinstance(b, Checkpoint) else isinstance(b, Signed) for b in bodies)
+    assert sound_report.worker_signatures == signed and signed < ITERATIONS * 6  # one signature per batch, not per member
 
 
 @pytest.mark.parametrize("tamper", TAMPERINGS.values(), ids=TAMPERINGS.keys())

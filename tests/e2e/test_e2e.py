@@ -26,7 +26,7 @@ def test_job_completes_and_every_attested_hash_equals_replay(clusters: Clusters,
     assert all(len(it.results) == 6 for it in done)
     assert any(c != 0 for it in done for c in it.coefficients), "rewards never varied: the test proves nothing"
     assert {len(it.retention) for it in done if it.iteration in (1, 3, 5)} == {1}
-    assert len({r.record.worker_key for it in done for r in it.results}) == 3
+    assert len({r.worker_key for it in done for r in it.results}) == 3
     assert any(len(e["members"]) > 1 for worker in workers for e in worker.events("evaluated")), "never batched"
 
 
@@ -46,6 +46,6 @@ def test_the_same_job_twice_gives_the_same_state_even_with_a_worker_killed(
         cluster.finish(coordinator, survivors)
         stored, _, summary = cluster.checked_ledger(survivors)
         if run == "second":  # it really died midway: the last iteration went on without it
-            assert all(r.record.worker_key != key_of(cluster.worker_keys[2]) for r in iterations(stored)[-1].results)
+            assert all(r.worker_key != key_of(cluster.worker_keys[2]) for r in iterations(stored)[-1].results)
         finals.append((summary["state_hash"], [it.coefficients for it in iterations(stored)]))
     assert finals[0] == finals[1]

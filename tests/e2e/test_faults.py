@@ -22,7 +22,7 @@ def check_ledger(cluster: Cluster, expected_iterations: int, honest: list[Proc])
     stored, _, summary = cluster.checked_ledger(honest)
     done = iterations(stored)
     assert [it.iteration for it in done] == list(range(1, expected_iterations + 1))
-    assert all({r.record.member for r in it.results} == {m.member for m in it.members} for it in done)
+    assert all({r.member for r in it.results} == {m.member for m in it.members} for it in done)
     assert summary["iteration"] == expected_iterations
     return stored
 
@@ -45,7 +45,7 @@ def test_worker_killed_mid_iteration_has_its_members_reassigned(clusters: Cluste
     cluster.finish(coordinator, [workers[0], workers[2]])
     stored = check_ledger(cluster, 5, [workers[0], workers[2]])
     victim_key = key_of(cluster.worker_keys[1])
-    assert all(r.record.worker_key != victim_key for it in iterations(stored) if it.iteration > held for r in it.results)
+    assert all(r.worker_key != victim_key for it in iterations(stored) if it.iteration > held for r in it.results)
 
 
 def test_over_tls_sigterm_finishes_the_member_and_exits_zero(clusters: Clusters, redis_url: str, model_dir: Path, job_id: str) -> None:
@@ -114,7 +114,7 @@ def test_fabricated_rewards_are_detected_revoked_and_stop_counting(
     revoked_at = next(e.entry.index for e in stored if isinstance(e.entry.body, Revocation) and e.entry.body.worker_key == liar_key)
     after = [e.entry.body for e in stored if e.entry.index > revoked_at and isinstance(e.entry.body, Iteration)]
     assert after, "the liar was revoked only at the very end: nothing shows its results stop counting"
-    assert all(r.record.worker_key != liar_key for it in after for r in it.results)
+    assert all(r.worker_key != liar_key for it in after for r in it.results)
     for it in iterations(stored):  # shaping only ever used a reward an honest worker measured
-        honest_rewards = {(r.record.member, r.record.reward) for r in it.results if r.record.worker_key != liar_key}
+        honest_rewards = {(r.member, r.reward) for r in it.results if r.worker_key != liar_key}
         assert all((m.member, reward) in honest_rewards for m, reward in zip(it.members, it.rewards)), it.iteration

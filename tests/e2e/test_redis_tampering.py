@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import signal
-import struct
 import time
 from pathlib import Path
 
@@ -14,10 +13,8 @@ import pytest
 import redis
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from swarmtune import entries, identity
-from swarmtune.entries import WorkerResult
+from swarmtune import batches, identity
 from swarmtune.jobspec import parse_job_spec
-from swarmtune.seeds import population
 from tests.support.cluster import WAIT_S, Cluster, Clusters, iterations, key_of, ledger_entries, spec_text
 from tests.support.processes import Proc
 
@@ -29,11 +26,6 @@ DROPPED = "dropped a stored item of the open iteration"
 def keys(job_id: str) -> tuple[str, str, str]:
     """The job's stream, head record and open-iteration hash (PROTOCOL §5.5)."""
     return f"swarmtune:{{{job_id}}}:ledger", f"swarmtune:{{{job_id}}}:head", f"swarmtune:{{{job_id}}}:open"
-
-
-def result_field(worker_key: bytes, member: int) -> bytes:
-    """A result's field in the open-iteration hash, as PROTOCOL §6.8 writes it."""
-    return b"r" + worker_key + struct.pack("<I", member)
 
 
 def paused_iteration(raw: redis.Redis, cluster: Cluster, coordinator: Proc) -> tuple[int, bytes, dict[bytes, bytes]]:
@@ -49,8 +41,16 @@ def paused_iteration(raw: redis.Redis, cluster: Cluster, coordinator: Proc) -> t
     pytest.fail(f"no stored open iteration within {WAIT_S}s:\n{coordinator.tail()}")
 
 
-def signed(signer: Ed25519PrivateKey, result: WorkerResult) -> bytes:
-    return entries.encode_signed(entries.sign_record(signer, result))
+def batch_field(data: bytes) -> bytes:
+    """A batch's field in the open-iteration hash, as PROTOCOL §6.8 writes it."""
+    return b"b" + batches.decode_batch(data).signature
+
+
+def forged_batch(signer: Ed25519PrivateKey, job_id: str, iteration: int, head: bytes, worker_key: bytes, member: int) -> bytes:
+    """A batch of one member at reward 0.999 naming `worker_key`, signed by `signer`."""
+    packed = batches.pack_members([member]), batches.pack_rewards([0.999])
+    signature = identity.sign(signer, identity.CONTEXT_BATCH, batches.payload(job_id, iteration, head, worker_key, *packed))
+    return batches.encode_batch(batches.parts(job_id, iteration, head, worker_key, *packed, signature))
 
 
 def test_forged_open_state_results_are_dropped_on_restart(clusters: Clusters, redis_url: str, model_dir: Path, job_id: str) -> None:
@@ -63,35 +63,35 @@ def test_forged_open_state_results_are_dropped_on_restart(clusters: Clusters, re
     raw = redis.Redis.from_url(redis_url)
     iteration, head, fields = paused_iteration(raw, cluster, coordinator)
     spec = parse_job_spec(cluster.spec.encode())
-    seeds = {m.member: m.seed for m in population(spec.job_seed, iteration, spec.population, spec.antithetic)}
+    stored_batches = [batches.decode_batch(data) for name, data in fields.items() if name.startswith(b"b")]
     honest = key_of(cluster.worker_keys[0])
-    member = next(m for m in sorted(seeds) if result_field(honest, m) not in fields)
+    held = {m for b in stored_batches if b.worker_key == honest for m in b.members}
+    member = next(m for m in range(spec.population) if m not in held)
     stranger = identity.generate_key()  # never admitted
     stranger_key = identity.public_key_bytes(stranger)
-    forged = {
-        # an honest worker's key, a wrong seed, a fake reward, and a signature that is not its own
-        result_field(honest, member): signed(
-            identity.generate_key(), WorkerResult(job_id, iteration, member, seeds[member] + 1, head, 0.999, honest)
-        ),
-        result_field(stranger_key, 0): signed(stranger, WorkerResult(job_id, iteration, 0, seeds[0], head, 0.999, stranger_key)),
-    }
+    forged_items = [
+        # an honest worker's key, a fake reward, and a signature that is not its own
+        forged_batch(identity.generate_key(), job_id, iteration, head, honest, member),
+        forged_batch(stranger, job_id, iteration, head, stranger_key, 0),
+    ]
+    forged = {batch_field(data): data for data in forged_items}
     raw.hset(keys(job_id)[2], mapping=forged)
     coordinator.kill()
     restarted = cluster.coordinator("--serve-after", name="restarted")
     resumed = restarted.wait_for("resumed iteration", WAIT_S)
-    genuine = sum(name.startswith(b"r") for name in fields)
+    genuine = len({(b.worker_key, m) for b in stored_batches for m in b.members})
     assert (resumed["iteration"], resumed["results"]) == (iteration, genuine), restarted.tail()
     dropped = {e["worker"]: e["reason"] for e in restarted.events(DROPPED)}
-    assert dropped == {identity.fingerprint(honest): "WRONG_SEED", identity.fingerprint(stranger_key): "UNKNOWN_KEY"}
+    assert dropped == {identity.fingerprint(honest): "BAD_SIGNATURE", identity.fingerprint(stranger_key): "UNKNOWN_KEY"}
     for worker in workers:
         worker.send(signal.SIGCONT)
     cluster.finish(restarted, workers)
     stored = ledger_entries(cluster.export())
     done = iterations(stored)
     assert [it.iteration for it in done] == [1, 2, 3, 4, 5]
-    assert all({r.record.member for r in it.results} == {m.member for m in it.members} for it in done)
-    assert not any(bad in entry.stored for entry in stored for bad in forged.values())
-    assert all(r.record.worker_key != stranger_key and r.record.reward != 0.999 for it in done for r in it.results)
+    assert all({r.member for r in it.results} == {m.member for m in it.members} for it in done)
+    assert not any(name[1:] in entry.stored for entry in stored for name in forged)  # no forged signature recorded
+    assert all(r.worker_key != stranger_key and r.reward != 0.999 for it in done for r in it.results)
     (report,) = cluster.run("audit", "audit", "--redis-url", redis_url, "--job", job_id, "--replay", "--model", str(model_dir), "--json")
     assert report["ok"] and report["replayed"], report
 

@@ -84,7 +84,7 @@ def check_job(cluster: Cluster, iterations: int) -> list[entries.StoredEntry]:
         stored = [entries.parse_entry(raw) for raw in store.read(cluster.job_id)]
     done = [e.entry.body for e in stored if isinstance(e.entry.body, entries.Iteration)]
     assert [it.iteration for it in done] == list(range(1, iterations + 1))
-    assert all({r.record.member for r in it.results} == {m.member for m in it.members} for it in done)
+    assert all({r.member for r in it.results} == {m.member for m in it.members} for it in done)
     [report] = cluster.run(
         "audit", "audit", "--redis-url", cluster.redis_url, "--job", cluster.job_id, "--replay", "--model", str(cluster.model_dir), "--json"
     )

@@ -94,7 +94,7 @@ def test_rewards_in_the_ledger_are_the_functions_own(trained: tuple[Path, list[b
     bodies = [entries.parse_entry(s).entry.body for s in stored]
     iterations = [b for b in bodies if isinstance(b, Iteration)]
     assert [b.iteration for b in iterations] == list(range(1, ITERATIONS + 1))
-    rewards = [r.record.reward for b in iterations for r in b.results]
+    rewards = [r.reward for b in iterations for r in b.results]
     # accuracy_reward is 0 or 1 per prompt: every member's reward is a multiple of 1/PROMPTS.
     assert all(abs(r * PROMPTS - round(r * PROMPTS)) < 1e-9 and 0 <= r <= 1 for r in rewards)
     assert len(set(rewards)) > 5 and all(any(b.coefficients) for b in iterations)

@@ -1,6 +1,6 @@
 """Coordinator test harness: job specs, a model-free genesis, and simulated workers with real keys.
 
-Simulated workers speak the real gRPC protocol and sign real results; they evaluate nothing (the
+Simulated workers speak the real gRPC protocol and sign real result batches; they evaluate nothing (the
 reward is a function of the member), so coordinator tests and the load bench need no model.
 """
 
@@ -17,12 +17,11 @@ from typing import Any, AsyncIterator, Callable
 import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from swarmtune import entries, identity
+from swarmtune import batches, entries, identity
 from swarmtune.coordinator.chain import genesis_entry
 from swarmtune.coordinator.job import Job
 from swarmtune.coordinator.limits import Limits
 from swarmtune.coordinator.server import MAX_SEND_BYTES, PROTOCOL_VERSION, Running, ServerOptions, open_history, start
-from swarmtune.entries import WorkerResult
 from swarmtune.jobspec import parse_job_spec
 from swarmtune.join import join_request
 from swarmtune.noise import NOISE_VERSION
@@ -86,6 +85,11 @@ def write_genesis(store: LedgerStore, spec_bytes: bytes, job_id: str, key: Ed255
     assert store.append(genesis_entry(key, job_id, genesis)).ok
 
 
+def reasons(reply: pb.SubmitReply) -> list[int]:
+    """Each member's reason, batch after batch (a batch refused whole: its own reason, once)."""
+    return [m.reason for b in reply.batches for m in (b.members or [b.status])]
+
+
 def default_reward(member: int, seed: int) -> float:
     return (seed % 1000) / 1000
 
@@ -124,23 +128,22 @@ class SimWorker:
         self.session = reply.session
         return reply
 
-    def result(self, opened: pb.IterationOpened, member: int, reward: float | None = None, **changes: object) -> bytes:
-        """A signed result for `member` of `opened`; `changes` override record fields (to forge bad ones)."""
-        seed = opened.members[member].seed
-        values: dict[str, object] = dict(
-            job_id=self.job_id,
-            iteration=opened.iteration,
-            member=member,
-            seed=seed,
-            head_hash=opened.head_hash,
-            reward=self.reward(member, seed) if reward is None else reward,
-            worker_key=self.public,
-        )
-        values.update(changes)
-        return entries.encode_signed(entries.sign_record(self.key, WorkerResult(**values)))  # type: ignore[arg-type]
+    def batch(self, opened: pb.IterationOpened, members: list[int], rewards: list[float] | None = None, **changes: object) -> bytes:
+        """One signed batch of `members` of `opened`; `changes` override the bound fields (job_id,
+        iteration, head_hash) to forge bad ones."""
+        plan = entries.plan_from_pb(opened.plan)
+        if rewards is None:
+            rewards = [self.reward(m, plan.noise(opened.iteration, m).seed) for m in members]
+        bound: dict[str, Any] = dict(job_id=self.job_id, iteration=opened.iteration, head_hash=opened.head_hash)
+        bound.update(changes)
+        return batches.encode_batch(batches.sign_batch(self.key, bound["job_id"], bound["iteration"], bound["head_hash"], members, rewards))
 
-    async def submit(self, results: list[bytes], retention: list[bytes] | None = None) -> pb.SubmitReply:
-        reply = await self.stub.SubmitResults(pb.SubmitRequest(session=self.session, results=results, retention=retention or []))
+    def result(self, opened: pb.IterationOpened, member: int, reward: float | None = None, **changes: object) -> bytes:
+        """A batch of one member (a test's single result)."""
+        return self.batch(opened, [member], None if reward is None else [reward], **changes)
+
+    async def submit(self, batches: list[bytes], retention: list[bytes] | None = None) -> pb.SubmitReply:
+        reply = await self.stub.SubmitResults(pb.SubmitRequest(session=self.session, batches=batches, retention=retention or []))
         self.replies.append(reply)
         return reply
 
@@ -159,7 +162,7 @@ class SimWorker:
         stream = self.stub.Subscribe(pb.SubscribeRequest(session=self.session, from_index=from_index))
         async for message in stream:
             kind = message.WhichOneof("kind")
-            if kind != "entry" or self.keep_entries:
+            if kind not in ("entry", "compact") or self.keep_entries:
                 self.announcements.append(message)
             if kind == "opened":
                 self.opened[message.opened.iteration] = message.opened
@@ -171,7 +174,7 @@ class SimWorker:
 
     async def _answer(self, opened: pb.IterationOpened, members: list[int]) -> None:
         if members:
-            await self.submit([self.result(opened, m) for m in members])
+            await self.submit([self.batch(opened, sorted(members))])
 
     async def until_opened(self, iteration: int) -> pb.IterationOpened:
         """The announcement that opened `iteration`, once it has come."""
@@ -180,7 +183,15 @@ class SimWorker:
         return self.opened[iteration]
 
     def entries(self) -> list[pb.LedgerEntry]:
+        """Whole entries announced (iteration entries come as digests: see `digests`)."""
         return [a.entry for a in self.announcements if a.WhichOneof("kind") == "entry"]
+
+    def digests(self) -> list[pb.Compact]:
+        return [a.compact for a in self.announcements if a.WhichOneof("kind") == "compact"]
+
+    def indices(self) -> list[int]:
+        """The ledger index of every entry announced, whole or by digest, in arrival order."""
+        return [a.entry.index if a.WhichOneof("kind") == "entry" else a.compact.index for a in self.announcements if a.WhichOneof("kind") in ("entry", "compact")]
 
     def finished(self) -> bool:
         return any(a.WhichOneof("kind") == "finished" for a in self.announcements)

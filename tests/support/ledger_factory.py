@@ -7,9 +7,9 @@ from typing import Sequence
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from swarmtune import entries, identity
-from swarmtune.entries import Attestation, Body, Iteration, Signed, WorkerResult
-from swarmtune.seeds import MemberNoise
+from swarmtune import batches, entries, identity
+from swarmtune.batches import Batch, Recorded
+from swarmtune.entries import Attestation, Body, Iteration, NoisePlan, Signed
 
 BASE_STATE = bytes(range(32))
 
@@ -27,7 +27,7 @@ class ChainBuilder:
             b'{"task": "countdown", "population": 4}',
             BASE_STATE,
             identity.public_key_bytes(self.coordinator),
-            protocol_version="swarmtune/1",
+            protocol_version=entries.PROTOCOL_VERSION,
             noise_version="noise/1",
             shaping_version="shaping/1",
             tensor_plan=(entries.TensorSpec("lm_head.weight", (8, 4), 20, "dense"),),
@@ -55,26 +55,21 @@ class ChainBuilder:
     def key(self, worker: int) -> bytes:
         return identity.public_key_bytes(self.workers[worker])
 
-    def result(
-        self, worker: Ed25519PrivateKey, iteration: int, member: MemberNoise, head: bytes, reward: float
-    ) -> Signed[WorkerResult]:
-        record = WorkerResult(
-            self.job_id, iteration, member.member, member.seed, head, reward, identity.public_key_bytes(worker)
-        )
-        return entries.sign_record(worker, record)
+    def batch(self, worker: Ed25519PrivateKey, iteration: int, members: Sequence[int], head: bytes, rewards: Sequence[float]) -> Batch:
+        return batches.sign_batch(worker, self.job_id, iteration, head, members, rewards)
 
     def iteration(
         self, members: int = 4, workers: Sequence[Ed25519PrivateKey] | None = None, **changes: object
     ) -> Iteration:
-        """The next iteration, every member evaluated (member m by worker m mod len(workers))."""
+        """The next iteration, every member evaluated (member m by worker m mod len(workers), one batch each)."""
         t = self.last_iteration + 1
         head = self.head.hash
-        seeds = tuple(MemberNoise(m, 1000 * t + m // 2, 1 if m % 2 == 0 else -1) for m in range(members))
         pool = list(workers or self.active)
         rewards = tuple(0.25 * ((t + m) % 5) for m in range(members))
-        results = tuple(self.result(pool[m % len(pool)], t, seeds[m], head, rewards[m]) for m in range(members))
+        shares = [list(range(i, members, len(pool))) for i in range(len(pool))]
+        recorded = tuple(Recorded(self.batch(w, t, share, head, [rewards[m] for m in share])) for w, share in zip(pool, shares) if share)
         coefficients = tuple(int(1000 * r) - 500 for r in rewards)
-        body = Iteration(t, head, seeds, results, coefficients, rewards, "zscore")
+        body = Iteration(t, head, NoisePlan(11, members, members % 2 == 0), recorded, coefficients, (), "zscore")
         return replace(body, **changes)  # type: ignore[arg-type]
 
     def attestation(self, worker: Ed25519PrivateKey, iteration: int, state_hash: bytes) -> Signed[Attestation]:

@@ -6,11 +6,11 @@ from __future__ import annotations
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from swarmtune import entries, identity, shaping, state
-from swarmtune.entries import Iteration, WorkerResult
+from swarmtune import batches, entries, identity, shaping, state
+from swarmtune.batches import Recorded
+from swarmtune.entries import Iteration, NoisePlan
 from swarmtune.noise import NOISE_VERSION, NoiseConfig
 from swarmtune.replay import genesis_plan
-from swarmtune.seeds import population
 from swarmtune.update import IterationUpdate, apply_iteration_, decay_integer
 
 SPEC = b"""
@@ -49,7 +49,7 @@ def build_ledger(
         SPEC,
         state.state_hash(base),
         identity.public_key_bytes(coordinator),
-        protocol_version="swarmtune/1",
+        protocol_version=entries.PROTOCOL_VERSION,
         noise_version=NOISE_VERSION,
         shaping_version=shaping.SHAPING_VERSION,
         tensor_plan=genesis_plan(base),
@@ -58,14 +58,10 @@ def build_ledger(
     stored = [entries.seal(coordinator, entries.first_entry("replay-test", genesis, 0))]
     for t in range(1, iterations + 1):
         head = entries.parse_entry(stored[-1])
-        members = population(11, t, 4, antithetic=False)
-        rewards = tuple(float((t * 3 + m.member) % 4) for m in members)
-        results = tuple(
-            entries.sign_record(worker, WorkerResult("replay-test", t, m.member, m.seed, head.hash, r, identity.public_key_bytes(worker)))
-            for m, r in zip(members, rewards)
-        )
+        rewards = tuple(float((t * 3 + m) % 4) for m in range(4))
+        batch = batches.sign_batch(worker, "replay-test", t, head.hash, range(4), rewards)
         coefficients = tuple(shaping.coefficients(rewards, "zscore", 5e-4))
-        body = Iteration(t, head.hash, members, results, coefficients, rewards, "zscore")
+        body = Iteration(t, head.hash, NoisePlan(11, 4, False), (Recorded(batch),), coefficients, (), "zscore")
         stored.append(entries.seal(coordinator, entries.next_entry(head, body, t)))
     return stored
 

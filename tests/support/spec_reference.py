@@ -1,10 +1,11 @@
-"""An independent pure-Python (int) implementation of PROTOCOL §1–4, used to check the torch one."""
+"""An independent pure-Python (int) implementation of PROTOCOL v2 §1–4, used to check the torch one."""
 
 from __future__ import annotations
 
 import hashlib
 import math
 import statistics
+import struct
 from fractions import Fraction
 
 MASK = (1 << 64) - 1
@@ -68,3 +69,23 @@ def lowrank_delta(weights: dict[int, int], tensor_index: int, rows: int, cols: i
             for k in range(cols):
                 total[i * cols + k] += w * scale * sum(a[i * rank + r] * b[k * rank + r] for r in range(rank))
     return [rne(v, 40 + 16 - exponent) for v in total]
+
+
+def state_hash(tensors: list[tuple[str, tuple[int, ...], int, list[int]]]) -> bytes:
+    """§2.4 over (name, shape, exponent, Q row-major) tensors: v2 domain, Q as i32le."""
+    data = b"swarmtune/state/v2\x00" + struct.pack("<I", len(tensors))
+    for name, shape, exponent, q in tensors:
+        assert all(-(1 << 31) < v < 1 << 31 for v in q), f"{name}: |Q| >= 2^31 is an overflow, not a state"
+        raw = name.encode()
+        data += struct.pack("<I", len(raw)) + raw + struct.pack("<I", len(shape))
+        data += b"".join(struct.pack("<Q", d) for d in shape) + struct.pack("<i", exponent)
+        data += b"".join(struct.pack("<i", v) for v in q)
+    return hashlib.sha256(data).digest()
+
+
+def apply_update(q: list[int], delta: list[int]) -> list[int]:
+    """§4 step 4 with its range rule: the new Q, refused (never wrapped) at |Q| >= 2^31."""
+    after = [v + d for v, d in zip(q, delta)]
+    if any(abs(v) >= 1 << 31 for v in after):
+        raise OverflowError("|Q| >= 2^31: the iteration is invalid")
+    return after

@@ -7,6 +7,7 @@ import torch
 
 from swarmtune import update
 from swarmtune.entries import TensorSpec
+from swarmtune.fixedpoint import Q_DTYPE
 from swarmtune.noise import NoiseConfig, dense_noise_map, noise_alphabet, population_factors
 from swarmtune.noisecache import NoiseCache
 from swarmtune.seeds import population
@@ -17,7 +18,7 @@ TENSORS = [(0, 300), (1, 7), (2, 70_000)]  # below and above the Gaussian alphab
 
 def state_of(shapes: list[tuple[int, int]]) -> MasterState:
     specs = tuple(TensorSpec(f"w{i}", shape, 36 + i, "dense") for i, shape in enumerate(shapes))
-    q = tuple(torch.arange(s.numel, dtype=torch.int64).view(s.shape) * 999_983 - 11 for s in specs)
+    q = tuple((torch.arange(s.numel, dtype=torch.int64).view(s.shape) * 9_973 - 11).to(Q_DTYPE) for s in specs)
     return MasterState(specs, q)
 
 
@@ -56,7 +57,7 @@ def test_members_then_the_update_through_the_cache_give_the_same_bytes(distribut
     for member in members:  # what a worker's evaluation draws first
         expected = list(update.member_deltas(plain, member, 40_000_003, noise))
         got = list(update.member_deltas(cached, member, 40_000_003, noise, cache))
-        assert all(i == j and torch.equal(a, b) for (i, a), (j, b) in zip(expected, got))
+        assert all(i == j and s == t and torch.equal(a, b) for (i, s, a), (j, t, b) in zip(expected, got))
     change = update.IterationUpdate(members, (70_001, -3, 123_456_789, 0, -5_000_000, 42))
     update.apply_iteration_(plain, change, noise)
     update.apply_iteration_(cached, change, noise, cache=cache)
@@ -78,7 +79,7 @@ def test_lowrank_factors_hit_per_seed_and_come_out_as_drawn_together() -> None:
 def test_lowrank_members_then_the_update_through_the_cache_give_the_same_bytes(budget: int) -> None:
     noise = NoiseConfig("lowrank", rank=2)
     specs = (TensorSpec("a", (30, 20), 38, "lowrank"), TensorSpec("b", (7,), 36, "dense"), TensorSpec("c", (9, 30), 40, "lowrank"))
-    plain = MasterState(specs, tuple(torch.arange(s.numel, dtype=torch.int64).view(s.shape) * 7_919 - 5 for s in specs))
+    plain = MasterState(specs, tuple((torch.arange(s.numel, dtype=torch.int64).view(s.shape) * 7_919 - 5).to(Q_DTYPE) for s in specs))
     cached = plain.clone()
     cache = NoiseCache(budget)
     members = population(8, 4, 8, antithetic=True)

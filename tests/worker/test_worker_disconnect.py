@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import io
 import random
+from functools import partial
 
 import pytest
 
-from swarmtune.seeds import MemberNoise
+from swarmtune import batches, identity
+from swarmtune.entries import NoisePlan
 from swarmtune.worker import outbox as outbox_module
 from swarmtune.worker.backoff import Backoff
 from swarmtune.worker.logs import EventLog
@@ -22,7 +24,7 @@ def test_the_outbox_ends_when_cancelled_as_something_new_arrives(monkeypatch: py
     arrives in the same instant (both come of the drop), the cancel must still end it. (asyncio.wait_for
     swallowed it on Python 3.11: the worker then never logged "disconnected".)"""
     monkeypatch.setattr(outbox_module, "PARTIAL_SUBMIT_INTERVAL_S", 60.0)  # it waits in the pacing loop
-    work = IterationWork(Opened(3, b"h" * 32, {0: MemberNoise(0, 1, 1), 1: MemberNoise(1, 2, -1)}, False))
+    work = IterationWork(Opened(3, b"h" * 32, NoisePlan(1, 2, True), False), partial(batches.sign_batch, identity.generate_key(), "job", 3, b"h" * 32))
     work.assign([0, 1])
 
     async def scenario() -> None:

@@ -7,10 +7,10 @@ import io
 import json
 import random
 import time
+from functools import partial
 
-from swarmtune import entries, identity
-from swarmtune.entries import Attestation
-from swarmtune.seeds import MemberNoise
+from swarmtune import batches, entries, identity
+from swarmtune.entries import Attestation, NoisePlan
 from swarmtune.worker.backoff import Backoff
 from swarmtune.worker.logs import EventLog
 from swarmtune.worker.outbox import DRAIN_ANSWERS, DRAIN_SEND_TIMEOUT_S, Outbox
@@ -19,7 +19,7 @@ from swarmtune.worker.work import IterationWork, Opened
 
 
 def test_more_is_coming_while_members_are_pending_and_not_once_stopping() -> None:
-    work = IterationWork(Opened(3, b"h" * 32, {0: MemberNoise(0, 1, 1), 1: MemberNoise(1, 2, -1)}, False))
+    work = IterationWork(Opened(3, b"h" * 32, NoisePlan(1, 2, True), False), partial(batches.sign_batch, identity.generate_key(), "job", 3, b"h" * 32))
     stop = asyncio.Event()
     outbox = Outbox(lambda: work, stop, EventLog(True, io.StringIO()), Backoff(), random.Random(0))
     assert not outbox.more_coming()  # nothing assigned to us

@@ -6,15 +6,15 @@ import asyncio
 import io
 import json
 import time
+from functools import partial
 from pathlib import Path
 
-from swarmtune import identity
+from swarmtune import batches, identity
 from swarmtune.coordinator.limits import Limits
 from swarmtune.store import connect
 from swarmtune.worker.config import WorkerConfig
 from swarmtune.worker.daemon import Daemon
 from swarmtune.worker.logs import EventLog
-from swarmtune.worker.measure import sign_results
 from swarmtune.worker.outbox import PARTIAL_SUBMIT_INTERVAL_S
 from swarmtune.worker.session import Connection, open_channel
 from swarmtune.worker.work import IterationWork, opened_from
@@ -44,14 +44,15 @@ def test_results_of_a_fast_worker_go_out_paced_and_all_are_taken(redis_url: str,
             runner = asyncio.create_task(c.job.run())
             message = await anext(aiter(stream))
             assert message.WhichOneof("kind") == "opened"
-            work = IterationWork(opened_from(message.opened))
+            opened = opened_from(message.opened)
+            work = IterationWork(opened, partial(batches.sign_batch, key, c.job.spec.job_id, opened.iteration, opened.head_hash))
             work.assign(message.opened.assigned)
             daemon.work = work
             sender = asyncio.create_task(daemon.outbox.send_forever(connection, joined))
             started = time.monotonic()
             for member in work.pending():  # "evaluating" one member after another, as a dense worker does
                 await asyncio.sleep(EVALUATION_S)
-                work.record(sign_results(key, c.job.spec, work.iteration, work.opened.head_hash, [member], [0.5]))
+                work.record({member.member: 0.5})
                 daemon.outbox.notify()
             evaluating_s.append(time.monotonic() - started)  # as long as this machine took, not as planned
             await asyncio.wait_for(c.job.finished.wait(), 10)

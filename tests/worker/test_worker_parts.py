@@ -7,14 +7,16 @@ import io
 import random
 import threading
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Sequence
 
 import grpc
 import pytest
 
-from swarmtune import entries, identity, ledger
+from swarmtune import batches, entries, identity, ledger
 from swarmtune.backends.registry import backend_factory
+from swarmtune.entries import NoisePlan
 from swarmtune.jobspec import parse_job_spec
 from swarmtune.seeds import MemberNoise, population
 from swarmtune.state import MasterState
@@ -24,65 +26,78 @@ from swarmtune.worker.backoff import Backoff
 from swarmtune.worker.config import WorkerConfig
 from swarmtune.worker.daemon import Daemon
 from swarmtune.worker.logs import EventLog
-from swarmtune.worker.measure import evaluation_batch, prompt_batch, retention_figures, sign_results
+from swarmtune.worker.measure import evaluation_batch, prompt_batch, retention_figures
 from swarmtune.worker.session import SessionLost, retried
-from swarmtune.worker.site import Site
+from swarmtune.worker.site import Site, default_cache_mb
 from swarmtune.worker.work import IterationWork, Opened
 from tests.support.cli_runner import run_cli
 from tests.support.ledger_factory import ChainBuilder
+from tests.support.specs import job_spec
 
 SPEC = parse_job_spec(b'[job]\nid = "w"\nseed = 3\nmodel = "m"\n[task]\nname = "t"\nprompts_per_iteration = 3\nmax_new_tokens = 2\n')
 TASK = DatasetTask("t", (0.0, 1.0), tuple(Example(f"{i}+1=") for i in range(10)), (Example("a"), Example("bb")), lambda p, c, **k: [len(x) / 4 for x in c])
 
 
-def opened(iteration: int = 1, size: int = 4) -> Opened:
-    members = population(3, iteration, size, antithetic=False)
-    return Opened(iteration, b"h" * 32, {m.member: m for m in members}, measure_retention=True)
+KEY = identity.generate_key()
 
 
-def signed(work: IterationWork, member: int) -> entries.Signed[entries.WorkerResult]:
-    key = identity.generate_key()
-    return sign_results(key, SPEC, work.iteration, work.opened.head_hash, [work.opened.members[member]], [0.5])[0]
+def new_work(iteration: int = 1, size: int = 4) -> IterationWork:
+    opened = Opened(iteration, b"h" * 32, NoisePlan(3, size, False), measure_retention=True)
+    return IterationWork(opened, partial(batches.sign_batch, KEY, "w", iteration, b"h" * 32))
 
 
 def statuses(*reasons: int) -> pb.SubmitReply:
-    return pb.SubmitReply(results=[pb.ItemStatus(reason=r) for r in reasons])
+    """The answer to one batch, member by member."""
+    members = [pb.ItemStatus(reason=r) for r in reasons]
+    return pb.SubmitReply(batches=[pb.BatchStatus(status=pb.ItemStatus(reason=pb.ACCEPTED), members=members)])
 
 
 def test_work_evaluates_what_is_assigned_and_resends_until_taken() -> None:
-    work = IterationWork(opened())
+    work = new_work()
     work.assign([0, 2, 9])  # 9 is no member: ignored
-    assert [m.member for m in work.pending()] == [0, 2]
-    work.record([signed(work, 0)])
+    assert work.pending() == [population(3, 1, 4, antithetic=False)[m] for m in (0, 2)]  # seeds from the plan
+    work.record({0: 0.5})
     work.add([3])
     assert [m.member for m in work.pending()] == [2, 3]
-    members, results, _ = work.untaken()
-    assert members == [0] and len(results) == 1
+    members, _ = work.untaken()
+    assert members == [0]
+    batch = batches.decode_batch(work.batch(members))
+    assert (batch.members, batch.rewards) == ((0,), (0.5,)) and batches.verify_batch(batch)
+    assert work.own_signatures() == {batch.signed}
     assert work.settle(members, statuses(pb.ACCEPTED), False) == []
     assert work.untaken()[0] == []
     work.assign([0, 1])  # after a reconnect: member 0 was measured, so it is resent, not re-evaluated
     assert work.untaken()[0] == [0] and [m.member for m in work.pending()] == [1]
+    assert work.batch([0]) == batches.encode_batch(batch)  # a resend is the same bytes
 
 
 def test_rejections_are_reported_once_and_not_resent() -> None:
-    work = IterationWork(opened())
+    work = new_work()
     work.assign([0, 1])
-    work.record([signed(work, 0), signed(work, 1)])
-    members, _, _ = work.untaken()
+    work.record({0: 0.5, 1: 0.5})
+    members, _ = work.untaken()
     rejected = work.settle(members, statuses(pb.DUPLICATE, pb.NOT_ASSIGNED), False)
     assert [(m, s.reason) for m, s in rejected] == [(1, pb.NOT_ASSIGNED)]
     assert work.untaken()[0] == []
 
 
+def test_a_batch_refused_whole_is_a_rejection_of_each_member() -> None:
+    work = new_work()
+    work.assign([0, 1])
+    work.record({0: 0.5, 1: 0.5})
+    refused = pb.SubmitReply(batches=[pb.BatchStatus(status=pb.ItemStatus(reason=pb.ITERATION_CLOSED))])
+    assert [(m, s.reason) for m, s in work.settle([0, 1], refused, False)] == [(0, pb.ITERATION_CLOSED), (1, pb.ITERATION_CLOSED)]
+
+
 def test_retention_is_measured_once_and_sent_with_the_results() -> None:
-    work = IterationWork(opened())
+    work = new_work()
     assert work.retention_due()
     key = identity.generate_key()
     report = entries.sign_record(key, entries.RetentionReport("w", 1, b"h" * 32, identity.public_key_bytes(key), (("t", 0.5),)))
     work.record_retention(report)
-    assert not work.retention_due() and len(work.untaken()[2]) == 1
+    assert not work.retention_due() and len(work.untaken()[1]) == 1
     work.settle([], pb.SubmitReply(retention=[pb.ItemStatus(reason=pb.ACCEPTED)]), True)
-    assert work.untaken()[2] == []
+    assert work.untaken()[1] == []
 
 
 def test_dense_members_go_one_by_one_and_lowrank_all_at_once() -> None:
@@ -129,16 +144,6 @@ def test_retried_calls_again_after_transient_failures_only() -> None:
         asyncio.run(retried(flaky(9, grpc.StatusCode.UNAUTHENTICATED), fast, random.Random(0), 3))
 
 
-def test_results_are_signed_and_bound_to_job_iteration_member_seed_and_head() -> None:
-    key = identity.generate_key()
-    members = population(3, 2, 2, antithetic=True)
-    results = sign_results(key, SPEC, 2, b"x" * 32, members, [0.25, 0.75])
-    for result, member, reward in zip(results, members, [0.25, 0.75]):
-        record = result.record
-        assert (record.job_id, record.iteration, record.member, record.seed, record.head_hash) == ("w", 2, member.member, member.seed, b"x" * 32)
-        assert record.reward == reward and entries.verify_record(result)
-
-
 def test_every_site_samples_the_same_prompts_for_an_iteration() -> None:
     first = prompt_batch(TASK, SPEC, 4)
     assert len(first) == 3 and first == prompt_batch(TASK, SPEC, 4)
@@ -165,9 +170,9 @@ def test_retention_is_the_mean_held_out_reward_of_the_center_model() -> None:
 def test_worker_command_names_the_known_backends_for_another(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    argv = ["worker", "--coordinator", "127.0.0.1:1", "--key", str(tmp_path / "none.key"), "--backend", "vllm"]
+    argv = ["worker", "--coordinator", "127.0.0.1:1", "--key", str(tmp_path / "none.key"), "--backend", "onnx"]
     assert run_cli(monkeypatch, *argv) == 2
-    assert "unknown backend 'vllm': use one of hf" in capsys.readouterr().err
+    assert "unknown backend 'onnx': use one of hf, vllm" in capsys.readouterr().err
 
 
 def test_chain_entries_are_verified_on_arrival_even_while_the_compute_thread_is_busy(tmp_path: Path) -> None:
@@ -200,3 +205,13 @@ def test_chain_entries_are_verified_on_arrival_even_while_the_compute_thread_is_
             daemon.verifier.shutdown()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    "noise, megabytes",
+    [({"family": "dense"}, 0), ({"family": "lowrank"}, 256), ({"family": "lowrank", "lowrank_others": "dense"}, 0)],
+)
+def test_the_default_noise_cache_holds_low_rank_factors_only(noise: dict[str, str], megabytes: int) -> None:
+    """A dense noise cache would break the worker's memory bound (one seed is as large as the model)."""
+    spec = parse_job_spec(job_spec("cache", model="builtin:tiny", task={"name": "arith"}, seed=1, noise=noise).encode())
+    assert default_cache_mb(spec) == megabytes
