@@ -39,6 +39,8 @@ def main() -> None:
     from swarmtune.update import IterationUpdate, apply_iteration_, decay_integer
 
     torch.set_num_threads(1)
+    gc.collect()
+    imported = status_bytes("VmRSS")  # this environment's fixed cost: Python, torch, transformers, swarmtune
     model, tokenizer = load_model(args.model)
     gc.collect()
     loaded = status_bytes("VmRSS")
@@ -58,6 +60,7 @@ def main() -> None:
     budget = memory.worker_memory(replica.state.specs, model.dtype.itemsize, "cpu", args.cache_mb << 20)
     print(json.dumps({
         "parameters": budget.parameters,
+        "imported_rss": imported,
         "loaded_rss": loaded,
         "peak_rss": status_bytes("VmHWM"),
         "predicted_host": budget.host_bytes,
