@@ -71,9 +71,12 @@ def rne_shift_int(x: int, shift: int) -> int:
 
 
 def check_range(q: torch.Tensor, name: str) -> None:
-    """Raise FixedPointOverflow if any |Q| of an int64 candidate reaches 2^Q_LIMIT_BITS (before it is
-    narrowed to Q_DTYPE, where it would wrap)."""
-    if q.numel() and max(-int(q.min()), int(q.max())) >= 1 << Q_LIMIT_BITS:
+    """Raise FixedPointOverflow if any |Q| of a candidate (int64, or float64 holding integers) reaches
+    2^Q_LIMIT_BITS (before it is narrowed to Q_DTYPE, where it would wrap)."""
+    if not q.numel():
+        return
+    low, high = q.aminmax()  # one pass over q, not two
+    if max(-int(low), int(high)) >= 1 << Q_LIMIT_BITS:
         raise FixedPointOverflow(
             f"tensor {name!r} left the fixed-point range (|Q| ≥ 2^{Q_LIMIT_BITS}): its weights grew more "
             "than 8x from the base model. Lower the job's alpha or raise its weight decay toward the base."

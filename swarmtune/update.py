@@ -105,8 +105,8 @@ def tensor_deltas(
     cache: NoiseCache | None = None,
 ) -> Iterator[tuple[int, int, torch.Tensor]]:
     """(tensor_index, start, round_half_even(Σ_seed w_seed·E_seed / 2^(C + bits - F)) of elements
-    start..) for one tensor, int64, flat, by the row runs of state.row_chunks: no temporary is
-    tensor-sized."""
+    start..) for one tensor, flat, by the row runs of state.row_chunks: no temporary is tensor-sized.
+    int64, except a low-rank ΔQ without limbs: float64 holding the same integers (below 2^52), exactly."""
     shift = dense_shift(spec, noise)
     chunks = row_chunks(spec.shape)
     # Each chunk is yielded unnamed: a name here would keep it alive while the next one is computed.
@@ -127,8 +127,28 @@ def tensor_deltas(
     b = b.permute(1, 0, 2).reshape(in_features, -1)
     scale = lowrank_scale(noise.rank)
     w = torch.tensor([weights[s] * scale for s in seeds for _ in range(noise.rank)], dtype=torch.int64, device=device)
+    if int(w.abs().max().item()) * w.numel() >= 1 << (FLOAT64_EXACT_BITS - 1):  # limbs: the int64 route
+        for start, stop in chunks:
+            yield tensor_index, start, rne_shift(exact_outer_sum(w, a[start // in_features : stop // in_features], b), shift).view(-1)
+        return
+    scaled, bt = scaled_weights(w, shift), b.to(torch.float64).t()
     for start, stop in chunks:
-        yield tensor_index, start, rne_shift(exact_outer_sum(w, a[start // in_features : stop // in_features], b), shift).view(-1)
+        yield tensor_index, start, rounded_outer_sum(scaled, a[start // in_features : stop // in_features], bt).view(-1)
+
+
+def scaled_weights(weights: torch.Tensor, shift: int) -> torch.Tensor:
+    """w·2^-shift in float64, exactly (|w| < 2^53; a power-of-two scaling cannot underflow at shift <= 62)."""
+    if shift < 0 or shift > 62:
+        raise ValueError(f"shift must be in [0, 62], got {shift}")
+    return weights.to(torch.float64).mul_(2.0**-shift)
+
+
+def rounded_outer_sum(scaled: torch.Tensor, a: torch.Tensor, bt: torch.Tensor) -> torch.Tensor:
+    """round_half_even(Σ_j w_j·a[:, j]·bt[j, :] / 2^s) as float64 holding integers, for ±1 factors and
+    scaled = w·2^-s with Σ|w| < 2^52: every partial sum is a multiple of 2^-s below 2^(52-s) in
+    magnitude, so float64 holds it exactly whatever the order (FMA included), and round is IEEE
+    round-half-even (PROTOCOL §4, implementation note)."""
+    return ((a.to(torch.float64) * scaled) @ bt).round_()
 
 
 def dense_delta(
@@ -229,14 +249,16 @@ def apply_iteration_(
     for index, start, delta in state_deltas(state, weights, noise, cache, device):
         spec, flat = state.specs[index], state.q[index].view(-1)
         stop = start + delta.numel()
-        current = flat[start:stop].to(device=delta.device, dtype=torch.int64)
+        current = flat[start:stop].to(delta.device)  # Q_DTYPE: the adds below widen it element by element
         if decay:
             assert base is not None
-            drift = current - base.read(index, start, stop).to(delta.device)
+            drift = current.to(torch.int64) - base.read(index, start, stop).to(delta.device)
             if drift.numel() and int(drift.abs().max().item()) * decay >= 1 << 62:
                 raise FixedPointOverflow(f"anchored decay of {spec.name!r} would overflow int64")
             delta.sub_(rne_shift(drift.mul_(decay), DECAY_BITS))
-        candidate = current.add_(delta)  # cannot wrap: |Q| < 2^31, |ΔQ| <= 2^62 + 2^33
+        # int64 cannot wrap: |Q| < 2^31, |ΔQ| <= 2^62 + 2^33. A float64 ΔQ (tensor_deltas) is below 2^52
+        # and |D| < 2^38, so every sum is an integer below 2^53: exact.
+        candidate = delta.add_(current)
         check_range(candidate, spec.name)
         flat[start:stop].copy_(candidate)  # exact: |Q| < 2^31 was just checked
         del current, candidate, delta  # one chunk's temporaries at a time, not two while the next is drawn
