@@ -68,7 +68,7 @@ def _mark_alerts(axes_list: Sequence[Axes], points: Sequence[IterationPoint]) ->
     alerted = [p.iteration for p in points if p.alerts]
     for axes in axes_list:
         for position, iteration in enumerate(alerted):
-            axes.axvline(iteration, color="tab:red", linestyle="--", linewidth=1, label="retention alert" if position == 0 else None)
+            axes.axvline(iteration, color="tab:red", linestyle="--", linewidth=1, label="alert (retention or dispute)" if position == 0 else None)
 
 
 def render(spec: PlotSpec) -> Figure:

@@ -30,8 +30,8 @@ def legend_labels(spec: PlotSpec) -> list[list[str]]:
 
 def test_rewards_band_center_retention_and_alerts_are_labelled() -> None:
     top, bottom = legend_labels(PlotSpec("demo-job", HISTORY, ("demo",), 10))
-    assert top == ["population min–max", "population mean", "center model, held out (demo)", "retention alert"]
-    assert bottom == ["retention: reversal", "retention alert"]
+    assert top == ["population min–max", "population mean", "center model, held out (demo)", "alert (retention or dispute)"]
+    assert bottom == ["retention: reversal", "alert (retention or dispute)"]
 
 
 def test_figures_by_name_in_order() -> None:
