@@ -10,9 +10,10 @@ from swarmtune.state import row_chunks
 
 # A Python process with torch, transformers and a tokenizer loaded, before any weights (measured
 # 0.35-0.38 GB), and what working adds that no parameter count scales: the allocator's retention,
-# first-use caches, a small batch's activations (measured 40-70 MB).
+# first-use caches, a small batch's activations (measured 40-70 MB on a quiet machine, up to ~115 MB
+# in a fresh CI environment under load: the allocator keeps more of what threads freed).
 PROCESS_BYTES = 400 << 20
-WORKING_BYTES = 96 << 20
+WORKING_BYTES = 128 << 20
 # The master state at rest: int32 (fixedpoint.Q_DTYPE).
 Q_BYTES = 4
 # Live bytes per element of one chunk of the update or of a member's perturbation: the int64 Q being

@@ -199,7 +199,9 @@ def test_audit_passes_on_the_real_ledger(run: Run, sound_report: client_audit.Au
     assert sound_report.attestations_checked == sum(isinstance(e.entry.body, Signed) for e in run.parsed) > 0
     bodies = [e.entry.body for e in run.parsed]
     signed = sum(len(b.batches) + len(b.retention) if isinstance(b, Iteration) else len(b.attestations) if isinstance(b, Checkpoint) else isinstance(b, Signed) for b in bodies)
-    assert sound_report.worker_signatures == signed and signed < ITERATIONS * 6  # one signature per batch, not per member
+    # One signature per batch: how many members a batch holds depends on when each was evaluated (a
+    # loaded machine may send every member alone), so the count is checked against the batches.
+    assert sound_report.worker_signatures == signed
 
 
 @pytest.mark.parametrize("tamper", TAMPERINGS.values(), ids=TAMPERINGS.keys())
