@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Sequence, cast
 
-from swarmtune import entries, ledger
+from swarmtune import ledger
 from swarmtune.backends.base import Backend, BackendFactory
 from swarmtune.entries import Genesis, StoredEntry
 from swarmtune.digest import Digest
@@ -126,9 +126,11 @@ def restored_replica(
     if config.snapshot is None:
         return replica, None
     try:
-        ledger_entries = [entries.parse_entry(stored) for stored in ledger_so_far]
+        # The checkpoint a snapshot is checked against comes from the coordinator: verify the chain up
+        # to it before trusting its hash (the follower verifies it again while it catches up).
+        ledger_entries = [entry for _, entry in ledger.walk(ledger_so_far)]
         replica.restore(restore_from(config.snapshot, job_id, ledger_entries, replica.state))
         return replica, None
-    except (SnapshotError, entries.EntryError) as exc:
+    except (SnapshotError, ledger.LedgerError) as exc:
         del replica  # its state is half overwritten; one state in memory at a time
         return replica_from_genesis(model, genesis, config.device), str(exc)
