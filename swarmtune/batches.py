@@ -46,17 +46,39 @@ def unpack_members(data: bytes) -> tuple[int, ...]:
         raise BatchError("member gaps must be canonical LEB128 values of at least 1")
     if not data:
         return ()
-    # The common case: the first gap (the first member, + 1) may take a few bytes, every later gap
-    # one byte (consecutive members): those are summed without a Python loop.
-    end = next((i + 1 for i, byte in enumerate(data[:5]) if byte < 0x80), 0)  # past the first gap
+    # The common cases, without a Python loop per member: after the first gap (the first member,
+    # + 1), every gap the same (a worker's members as the assignment deals them: at a stride, or
+    # consecutive), or every gap one byte.
+    end = _varint_end(data)
     rest = data[end:]
-    if end and (not rest or max(rest) < 0x80):
-        members = tuple(accumulate(rest, initial=_unpack_long(data[:end])[0]))
+    step = _varint_end(rest)
+    if end and not rest:
+        members: tuple[int, ...] = (_leb128(data) - 1,)
+    elif end and step and rest == rest[:step] * (len(rest) // step):
+        first, stride = _leb128(data[:end]) - 1, _leb128(rest[:step])
+        members = tuple(range(first, first + stride * (len(rest) // step) + 1, stride))
+    elif end and max(rest) < 0x80:
+        members = tuple(accumulate(rest, initial=_leb128(data[:end]) - 1))
     else:
         members = _unpack_long(data)
     if members and members[-1] >= MEMBER_LIMIT:
         raise BatchError(f"member {members[-1]} does not fit a u32")
     return members
+
+
+def _varint_end(data: bytes) -> int:
+    """Where the LEB128 value `data` starts with ends, if within the 5 bytes of a u32 (else 0)."""
+    head = data[:5]
+    continued = len(head) - len(head.lstrip(_CONTINUED))
+    return continued + 1 if continued < len(head) else 0
+
+
+_CONTINUED = bytes(range(0x80, 0x100))  # LEB128 bytes with more to come
+
+
+def _leb128(data: bytes) -> int:
+    """The value of one whole LEB128 value."""
+    return sum((byte & 0x7F) << (7 * i) for i, byte in enumerate(data))
 
 
 def _unpack_long(data: bytes) -> tuple[int, ...]:

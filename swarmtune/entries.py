@@ -209,6 +209,18 @@ def new_genesis(job_spec: bytes, base_state_hash: bytes, coordinator_key: bytes,
 
 
 @dataclass(frozen=True)
+class Assignment:
+    """A member given to a worker after the opening (PROTOCOL §6.6): `worker` indexes the entry's
+    candidates followed by its others; `eligible` is a bitmap over the same list (bit i: byte i // 8,
+    bit i % 8) of the workers that could take it then; `reason` is a pb.Assignment.Reason."""
+
+    member: int
+    worker: int
+    reason: int
+    eligible: bytes
+
+
+@dataclass(frozen=True)
 class Iteration:
     """An iteration entry's body. The per-member views (members, results, rewards) are derived once, when asked."""
 
@@ -223,6 +235,10 @@ class Iteration:
     alerts: tuple[str, ...] = ()
     draw: bytes = b""  # the coordinator's signature that ordered candidates and chose spot checks
     candidates: tuple[bytes, ...] = ()  # worker keys that could take members at opening, in the draw's order
+    capacities: tuple[int, ...] = ()  # what each candidate asked for at opening
+    operators: tuple[int, ...] = ()  # per candidate, the first candidate of its operator (empty: all distinct)
+    others: tuple[bytes, ...] = ()  # workers of later assignments that are not candidates
+    assignments: tuple[Assignment, ...] = ()  # later assignments, in the order given
 
     @cached_property
     def members(self) -> tuple[MemberNoise, ...]:
@@ -358,6 +374,10 @@ def _body_to_pb(body: Body) -> Any:
             alerts=body.alerts,
             draw=body.draw,
             candidates=body.candidates,
+            capacities=body.capacities,
+            operators=body.operators,
+            others=body.others,
+            assignments=[assignment_to_pb(a) for a in body.assignments],
         )
     if isinstance(body, (Admission, Revocation)):
         return pb.WorkerKey(
@@ -382,6 +402,14 @@ def _signed_list(record_type: type[Record], messages: Any, what: str, kind: str)
     except DecodeError:
         raise EntryError(f"{what} {len(out)}: signed body is not a {record_type.__name__}", kind) from None
     return tuple(out)
+
+
+def assignment_to_pb(assignment: Assignment) -> pb.Assignment:
+    return pb.Assignment(member=assignment.member, worker=assignment.worker, reason=assignment.reason, eligible=assignment.eligible)
+
+
+def assignment_from_pb(message: pb.Assignment) -> Assignment:
+    return Assignment(message.member, message.worker, message.reason, message.eligible)
 
 
 def plan_to_pb(plan: NoisePlan) -> pb.NoisePlan:
@@ -420,6 +448,10 @@ def _body_from_pb(kind: str, message: Any, job_id: str) -> Body:
             alerts=tuple(message.alerts),
             draw=message.draw,
             candidates=tuple(message.candidates),
+            capacities=tuple(message.capacities),
+            operators=tuple(message.operators),
+            others=tuple(message.others),
+            assignments=tuple(map(assignment_from_pb, message.assignments)),
         )
     if kind == "admission":
         return Admission(message.worker_key, message.reason, message.operator_fingerprint, message.role)

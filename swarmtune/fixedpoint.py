@@ -38,8 +38,8 @@ def choose_exponent(weights: torch.Tensor) -> int:
 def to_fixed(weights: torch.Tensor, exponent: int) -> torch.Tensor:
     """Q = round_half_even(w · 2^F) as Q_DTYPE: w -> float64 (exact), scale by a power of two (exact),
     round; genesis exponents keep |Q| < 2^GENESIS_BITS, so the narrowing is exact."""
-    scaled = weights.detach().to(torch.float64) * (2.0**exponent)
-    return torch.round(scaled).to(Q_DTYPE)
+    scaled = weights.detach().to(torch.float64, copy=True)  # a copy: the in-place steps below never touch `weights`
+    return scaled.mul_(2.0**exponent).round_().to(Q_DTYPE)
 
 
 def derive(q: torch.Tensor, exponent: int, dtype: torch.dtype) -> torch.Tensor:

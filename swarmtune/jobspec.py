@@ -40,12 +40,14 @@ class JobSpec:
     iterations: int = 100
     task_options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     prompts_per_iteration: int = 32
+    prompts_per_member: int | None = None  # None: prompts_per_iteration
     max_new_tokens: int = 64
     population: int = 30
     sigma: float = 1e-3
     alpha: float = 5e-4
     shaping: str = "zscore"
     antithetic: bool = False
+    group_size: int | None = None  # None: one group, the whole population
     anchored_decay: float = 0.0  # strength λ of the exact pull toward the base state
     noise_family: str = "dense"
     distribution: str = "gaussian"
@@ -77,6 +79,20 @@ class JobSpec:
 
         return NoiseConfig(family=self.noise_family, distribution=self.distribution, rank=self.rank)
 
+    @property
+    def group_width(self) -> int:
+        """Members per group: those sharing prompts and normalised together by shaping (PROTOCOL §3)."""
+        return self.group_size or self.population
+
+    @property
+    def member_prompt_count(self) -> int:
+        """Prompts each member is evaluated on in one iteration."""
+        return self.prompts_per_member or self.prompts_per_iteration
+
+    def group_of(self, member: int) -> int:
+        """Member m's group: m // group width (group 0 alone, the whole population, by default)."""
+        return member // self.group_width
+
     def retention_due(self, iteration: int) -> bool:
         """Iterations 1, 1+every, 1+2·every... measure retention (iteration 1 measures the base model)."""
         return bool(self.retention_task) and self.retention_every > 0 and (iteration - 1) % self.retention_every == 0
@@ -95,12 +111,14 @@ LAYOUT: dict[tuple[str, str], str] = {
     ("task", "name"): "task",
     ("task", "options"): "task_options",
     ("task", "prompts_per_iteration"): "prompts_per_iteration",
+    ("task", "prompts_per_member"): "prompts_per_member",
     ("task", "max_new_tokens"): "max_new_tokens",
     ("es", "population"): "population",
     ("es", "sigma"): "sigma",
     ("es", "alpha"): "alpha",
     ("es", "shaping"): "shaping",
     ("es", "antithetic"): "antithetic",
+    ("es", "group_size"): "group_size",
     ("es", "anchored_decay"): "anchored_decay",
     ("noise", "family"): "noise_family",
     ("noise", "distribution"): "distribution",
@@ -195,12 +213,14 @@ CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "task": _text(False),
     "task_options": _options,
     "prompts_per_iteration": _integer(1, 1_000_000),
+    "prompts_per_member": _integer(1, 1_000_000),
     "max_new_tokens": _integer(1, 1_000_000),
     "population": _integer(1, MAX_POPULATION),
     "sigma": _number(0.0, 1.0, lo_open=True),
     "alpha": _number(0.0, 1.0, lo_open=True),
     "shaping": _choice(SHAPING_METHODS),
     "antithetic": _boolean,
+    "group_size": _integer(1, MAX_POPULATION),
     "anchored_decay": _number(0.0, 1.0),
     "noise_family": _choice(NOISE_FAMILIES),
     "distribution": _choice(NOISE_DISTRIBUTIONS),
@@ -246,6 +266,16 @@ def _flatten(document: dict[str, Any]) -> dict[str, Any]:
 def _check_consistency(spec: JobSpec) -> None:
     if spec.antithetic and spec.population % 2:
         raise JobSpecError(f"[es] population must be even with antithetic = true, got {spec.population}")
+    if spec.population % spec.group_width:
+        raise JobSpecError(
+            f"[es] group_size ({spec.group_width}) must divide [es] population ({spec.population}): "
+            "every group has the same number of members"
+        )
+    if spec.antithetic and spec.group_width % 2:
+        raise JobSpecError(
+            f"[es] group_size must be even with antithetic = true, got {spec.group_width}: "
+            "a member and its mirror are evaluated on the same prompts, in one group"
+        )
     if math.ceil(spec.quorum * spec.population - 1e-9) < 2:
         raise JobSpecError(
             f"[schedule] quorum × [es] population must allow at least 2 rewarded members for shaping; "

@@ -12,7 +12,7 @@ from typing import Any, Callable, Collection, Iterable, Iterator, Mapping, cast
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from swarmtune import batches, draw, entries, identity
+from swarmtune import assignlog, batches, draw, entries, identity
 from swarmtune.batches import Recorded
 from swarmtune.entries import (
     Admission,
@@ -244,17 +244,21 @@ def _genesis_entry_problem(entry: StoredEntry, expected_key: bytes | None) -> st
 
 
 def _draw_problem(state: ChainState, iteration: Iteration) -> str | None:
-    """The draw is the coordinator's signature over (job, iteration, opened head), and the candidates
-    are distinct admitted keys in the order it implies (an entry without a draw records no assignment)."""
+    """The draw is the coordinator's signature over (job, iteration, opened head), the candidates are
+    distinct admitted keys in the order it implies, and the later assignments are well-formed (an
+    entry without a draw records no assignment)."""
     if not iteration.draw:
-        return "candidates recorded without a draw" if iteration.candidates else None
+        return "candidates recorded without a draw" if iteration.candidates or iteration.assignments else None
+    problem = assignlog.form_problem(iteration)
+    if problem:
+        return problem
     if not draw.verify_draw(state.coordinator_key, state.job_id, iteration.iteration, iteration.opened_head, iteration.draw):
         return "draw is not the coordinator's signature over (job, iteration, opened_head)"
     if list(iteration.candidates) != draw.keyed_order(iteration.draw, iteration.candidates):
         return "candidates are not distinct keys in the order the draw implies"
     # A candidate may have been revoked by this very close, between opening and the entry.
-    stranger = next((key for key in iteration.candidates if key not in state.admitted and key not in state.revoked), None)
-    return None if stranger is None else f"candidate {identity.fingerprint(stranger)} was never admitted"
+    stranger = next((key for key in (*iteration.candidates, *iteration.others) if key not in state.admitted and key not in state.revoked), None)
+    return None if stranger is None else f"worker {identity.fingerprint(stranger)} of the assignment was never admitted"
 
 
 def _admission_problem(state: ChainState, admission: Admission) -> str | None:

@@ -60,9 +60,29 @@ def quantize(shaped: Sequence[float], alpha: float) -> list[int]:
     return [round(((alpha * s) / n) * float(1 << COEFFICIENT_BITS)) for s in shaped]
 
 
-def coefficients(rewards: Sequence[float], method: str, alpha: float) -> list[int]:
-    """The integer coefficients of one iteration, from its accepted rewards in member order."""
-    return quantize(shape(rewards, method), alpha)
+def shape_groups(rewards: Sequence[float], groups: Sequence[int], method: str) -> list[float]:
+    """`shape` applied to each group's rewards separately (groups[k]: reward k's group), in input order."""
+    if len(groups) != len(rewards):
+        raise ValueError(f"{len(groups)} group labels for {len(rewards)} rewards; give one label per reward")
+    positions: dict[int, list[int]] = {}
+    for k, group in enumerate(groups):
+        positions.setdefault(group, []).append(k)
+    shaped = [0.0] * len(rewards)
+    for members in positions.values():
+        for k, score in zip(members, shape([rewards[k] for k in members], method)):
+            shaped[k] = score
+    return shaped
+
+
+def coefficients(
+    rewards: Sequence[float], method: str, alpha: float, groups: Sequence[int] | None = None
+) -> list[int]:
+    """The integer coefficients of one iteration, from its accepted rewards in member order.
+
+    `groups` (one label per reward) shapes each group separately; None is one group. Quantisation's
+    n stays the count of all rewards, so the step size does not depend on how members are grouped.
+    """
+    return quantize(shape_groups(rewards, [0] * len(rewards) if groups is None else groups, method), alpha)
 
 
 def sigma_integer(sigma: float) -> int:

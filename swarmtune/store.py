@@ -38,9 +38,11 @@ AUDITOR_COMMANDS = ("ping", "hmget", "xrange", "scan")
 TLS_FILE_PARAMETERS = ("ssl_ca_certs", "ssl_ca_path", "ssl_certfile", "ssl_keyfile")
 
 # Compare-and-append, atomic because Redis runs a script without interleaving other commands.
-# KEYS: ledger stream, head hash, open-iteration hash. ARGV: index, prev_hash, entry hash,
-# stored bytes, "1" to delete the open-iteration state with the append.
-# Replies {status, head index, head hash}; head index -1 when the job has no entry.
+# KEYS: ledger stream, head hash, open-iteration hash, and (a coordinator's fenced store) the lease.
+# ARGV: index, prev_hash, entry hash, stored bytes, "1" to delete the open-iteration state with the
+# append, and the lease token the writer holds. Replies {status, head index, head hash}; head index -1
+# when the job has no entry. The lease is checked here, not only before sending: a process paused
+# between its own check and the write would otherwise append after a standby took over.
 APPEND_SCRIPT = """
 local index = tonumber(ARGV[1])
 local head = redis.call('HMGET', KEYS[2], 'index', 'hash')
@@ -49,6 +51,7 @@ if head[1] then next_index, head_hash = tonumber(head[1]) + 1, head[2] end
 local function reply(status)
   return {status, next_index - 1, head_hash}
 end
+if KEYS[4] and redis.call('GET', KEYS[4]) ~= ARGV[6] then return reply('fenced') end
 if index < next_index then
   local id = ARGV[1] .. '-1'
   local found = redis.call('XRANGE', KEYS[1], id, id)
@@ -74,6 +77,16 @@ redis.call('HSET', KEYS[2], 'index', ARGV[2], 'hash', ARGV[3])
 return 1
 """
 
+# A fenced write of the open-iteration state, iff the lease still holds the writer's token (as above).
+# KEYS: open-iteration hash, lease. ARGV: token, then "del", or "set" and field, value, field, value, ...
+# Replies 1 when written, 0 when the lease is not the writer's (nothing written).
+OPEN_WRITE_SCRIPT = """
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+if ARGV[2] == 'del' then redis.call('DEL', KEYS[1]) return 1 end
+for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+return 1
+"""
+
 # The job's lease (one active coordinator; docs/PROTOCOL.md §6.8). Take: set it to our token if no
 # one holds it; else reply who does and for how many more ms. KEYS: lease. ARGV: token, TTL ms.
 TAKE_LEASE_SCRIPT = """
@@ -91,6 +104,10 @@ return 1
 
 class StoreError(Exception):
     """The store cannot do what was asked; the message says what to check."""
+
+
+class LeaseLost(StoreError):
+    """This coordinator may no longer hold its job's lease: it must not write (another may be active)."""
 
 
 class StoreUnavailable(StoreError):
@@ -131,6 +148,7 @@ class AppendStatus(enum.Enum):
     TAKEN = "taken"  # other bytes hold that index: another writer won this slot
     STALE = "stale"  # the index is next, but prev_hash is not the head: built on an old head
     GAP = "gap"  # the index is beyond the next one
+    FENCED = "fenced"  # the writer's lease token is not the job's lease holder: nothing written
 
 
 @dataclass(frozen=True)
@@ -219,6 +237,13 @@ def _no_fence() -> None:
     return None
 
 
+def lease_taken_message(job: str) -> str:
+    return (
+        f"Redis refused a write to job {job!r}: its lease no longer names this coordinator (another one took "
+        "over while this process was paused or cut off), so this one writes nothing more and stops; restart it to stand by"
+    )
+
+
 def _head_from_reply(index: object, head_hash: object) -> Head | None:
     number = int(index)  # type: ignore[call-overload]
     return None if number < 0 else Head(number, bytes(head_hash))  # type: ignore[arg-type]
@@ -231,10 +256,12 @@ class LedgerStore:
         self._client = client
         self._url = url
         self._append = client.register_script(APPEND_SCRIPT)
+        self._open_write = client.register_script(OPEN_WRITE_SCRIPT)
         self._take_lease = client.register_script(TAKE_LEASE_SCRIPT)
         self._keep_lease = client.register_script(KEEP_LEASE_SCRIPT)
         # Called before every write to a job (append, open state): raises to refuse it (see `fenced`).
         self._fence: Callable[[], None] = _no_fence
+        self._lease_token: str | None = None  # set on a fenced store: Redis checks it in every write script
         self._repair_head = client.register_script(REPAIR_HEAD_SCRIPT)
 
     @property
@@ -260,9 +287,15 @@ class LedgerStore:
         job = entries.check_job_id(header.job_id)
         keys = [LEDGER_KEY.format(job=job), HEAD_KEY.format(job=job), OPEN_KEY.format(job=job)]
         argv = [str(header.index), header.prev_hash, header.hash, stored, "1" if close_open else "0"]
+        if self._lease_token is not None:
+            keys.append(LEASE_KEY.format(job=job))
+            argv.append(self._lease_token)
         with _translated(self._url):
             status, index, head_hash = self._append(keys=keys, args=argv)
-        return AppendResult(AppendStatus(status.decode()), _head_from_reply(index, head_hash))
+        result = AppendResult(AppendStatus(status.decode()), _head_from_reply(index, head_hash))
+        if result.status is AppendStatus.FENCED:
+            raise LeaseLost(lease_taken_message(job))
+        return result
 
     def head(self, job_id: str) -> Head | None:
         """The job's head record (None: no ledger); HeadMismatch if it is not one swarmtune wrote."""
@@ -350,20 +383,33 @@ class LedgerStore:
     def put_open(self, job_id: str, fields: Mapping[str | bytes, bytes]) -> None:
         """Set (add or overwrite) fields of the open-iteration state."""
         if fields:
-            self._fence()
-            with _translated(self._url):
-                self._client.hset(OPEN_KEY.format(job=entries.check_job_id(job_id)), mapping=dict(fields))
+            self._write_open(job_id, fields)
 
     def delete_open(self, job_id: str) -> None:
-        self._fence()
-        with _translated(self._url):
-            self._client.delete(OPEN_KEY.format(job=entries.check_job_id(job_id)))
+        self._write_open(job_id, None)
 
-    def fenced(self, check: Callable[[], None]) -> LedgerStore:
-        """This store (the same connections) with `check()` run before every write to a job: a
-        coordinator passes its lease's check, so it stops writing the moment it may not hold it."""
+    def _write_open(self, job_id: str, fields: Mapping[str | bytes, bytes] | None) -> None:
+        """HSET `fields` on the open state (None: DEL it); on a fenced store only while Redis still names
+        this writer's token as the lease holder."""
+        self._fence()
+        job = entries.check_job_id(job_id)
+        key = OPEN_KEY.format(job=job)
+        with _translated(self._url):
+            if self._lease_token is None:
+                self._client.delete(key) if fields is None else self._client.hset(key, mapping=dict(fields))
+                return
+            change = ["del"] if fields is None else ["set", *(item for pair in fields.items() for item in pair)]
+            written = self._open_write(keys=[key, LEASE_KEY.format(job=job)], args=[self._lease_token, *change])
+        if not written:
+            raise LeaseLost(lease_taken_message(job))
+
+    def fenced(self, check: Callable[[], None], lease_token: str) -> LedgerStore:
+        """This store (the same connections) for the holder of the lease `lease_token`: `check()` runs
+        before every write to a job, and Redis refuses the write in the same script unless the lease
+        still holds the token, so a writer stops the moment it may not hold the lease."""
         fenced = LedgerStore(self._client, self._url)
         fenced._fence = check
+        fenced._lease_token = lease_token
         return fenced
 
     def take_lease(self, job_id: str, token: str, ttl_ms: int) -> LeaseState:

@@ -25,6 +25,10 @@ class Backend(Protocol):
         self, members: Sequence[MemberNoise], examples: Sequence[Example], reward_fn: RewardFn, max_new_tokens: int
     ) -> list[float]: ...
 
+    def evaluate_each(
+        self, members: Sequence[MemberNoise], member_examples: Sequence[Sequence[Example]], reward_fn: RewardFn, max_new_tokens: int
+    ) -> list[float]: ...
+
     def generate(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]: ...
 
 
@@ -41,3 +45,23 @@ def mean_reward(
     if len(values) != len(completions):
         raise ValueError(f"reward function returned {len(values)} values for {len(completions)} completions")
     return math.fsum(float(value) for value in values) / len(values)
+
+
+def shared_examples(members: Sequence[MemberNoise], examples: Sequence[Example]) -> list[Sequence[Example]]:
+    """The one-group case of `evaluate_each`: every member on the same examples."""
+    if not examples:
+        raise ValueError("evaluate needs at least one example")
+    return [examples] * len(members)
+
+
+def examples_per_member(members: Sequence[MemberNoise], member_examples: Sequence[Sequence[Example]]) -> int:
+    """How many examples each member is evaluated on; they must all have the same number (one batch
+    holds every member's rows, member-major)."""
+    if len(member_examples) != len(members):
+        raise ValueError(f"{len(member_examples)} example lists for {len(members)} members; give one list per member")
+    counts = {len(examples) for examples in member_examples}
+    if 0 in counts:
+        raise ValueError("evaluate needs at least one example per member")
+    if len(counts) > 1:
+        raise ValueError(f"members have {sorted(counts)} examples each; every member needs the same number")
+    return counts.pop() if counts else 0

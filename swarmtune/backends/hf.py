@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from swarmtune.backends.base import mean_reward
+from swarmtune.backends.base import examples_per_member, mean_reward, shared_examples
 from swarmtune.backends.perturbation import LowRankDelta, lowrank_deltas, perturbed_weights, uses_lowrank_batching
 from swarmtune.jobspec import JobSpec
 from swarmtune.noise import NoiseConfig
@@ -36,11 +36,25 @@ class PromptBatch:
         """The batch `times` over, member-major: row m·P + p is prompt p of member m."""
         return PromptBatch(self.input_ids.repeat(times, 1), self.attention_mask.repeat(times, 1))
 
+    def slice(self, start: int, stop: int) -> PromptBatch:
+        """Rows start..stop-1."""
+        return PromptBatch(self.input_ids[start:stop], self.attention_mask[start:stop])
+
 
 def encode_prompts(tokenizer: Any, prompts: Sequence[str], device: torch.device | str) -> PromptBatch:
     """Tokenize once, left padded so every row's next token is at the last position."""
     encoded = tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="left")
     return PromptBatch(encoded["input_ids"].to(device), encoded["attention_mask"].to(device))
+
+
+def encode_member_prompts(tokenizer: Any, prompts: Sequence[Sequence[str]], device: torch.device | str) -> PromptBatch:
+    """Every member's prompts as one batch, member-major: each distinct prompt tokenized once, all
+    padded to the longest (with shared prompts: the rows `encode_prompts(...).repeat(members)` gives)."""
+    distinct = list(dict.fromkeys(prompt for member in prompts for prompt in member))
+    encoded = encode_prompts(tokenizer, distinct, device)
+    position = {prompt: row for row, prompt in enumerate(distinct)}
+    rows = torch.tensor([position[prompt] for member in prompts for prompt in member], device=encoded.input_ids.device)
+    return PromptBatch(encoded.input_ids[rows], encoded.attention_mask[rows])
 
 
 def stop_token_ids(model: nn.Module, tokenizer: Any) -> tuple[int, ...]:
@@ -208,18 +222,32 @@ class HFBackend:
         materialised: bool = False,
     ) -> list[float]:
         """One reward per member: the mean of reward_fn over the prompt batch under its perturbation."""
-        if not examples:
-            raise ValueError("evaluate needs at least one example")
-        if not members:
+        return self.evaluate_each(members, shared_examples(members, examples), reward_fn, max_new_tokens, materialised)
+
+    def evaluate_each(
+        self,
+        members: Sequence[MemberNoise],
+        member_examples: Sequence[Sequence[Example]],
+        reward_fn: RewardFn,
+        max_new_tokens: int,
+        materialised: bool = False,
+    ) -> list[float]:
+        """One reward per member: the mean of reward_fn over its own examples under its perturbation
+        (low-rank members all in one batched generation, whatever prompts each has)."""
+        per = examples_per_member(members, member_examples)
+        if not per:
             return []
-        prompts = [example.prompt for example in examples]
-        columns = columns_of(examples)
-        batch = encode_prompts(self.tokenizer, prompts, self.device)
+        prompts = [[example.prompt for example in examples] for examples in member_examples]
+        batch = encode_member_prompts(self.tokenizer, prompts, self.device)
         if materialised or not uses_lowrank_batching(self.state):
-            completions = [self._member_completions(member, batch, max_new_tokens) for member in members]
+            rows = [batch.slice(i * per, (i + 1) * per) for i in range(len(members))]
+            completions = [self._member_completions(member, own, max_new_tokens) for member, own in zip(members, rows)]
         else:
-            completions = self._batched_completions(members, batch, max_new_tokens)
-        return [mean_reward(reward_fn, prompts, texts, columns) for texts in completions]
+            completions = self._batched_completions(members, batch, per, max_new_tokens)
+        return [
+            mean_reward(reward_fn, own, texts, columns_of(examples))
+            for own, texts, examples in zip(prompts, completions, member_examples)
+        ]
 
     def _completions(self, batch: PromptBatch, max_new_tokens: int) -> list[str]:
         """Greedy completions of whatever weights the model holds now."""
@@ -237,19 +265,20 @@ class HFBackend:
         return self._completions(batch, max_new_tokens)
 
     def _batched_completions(
-        self, members: Sequence[MemberNoise], batch: PromptBatch, max_new_tokens: int
+        self, members: Sequence[MemberNoise], batch: PromptBatch, per: int, max_new_tokens: int
     ) -> list[list[str]]:
-        """All members in one greedy generation (chunked by whole members when max_rows is set)."""
+        """All members in one greedy generation (chunked by whole members when max_rows is set); `batch`
+        holds `per` rows a member, member-major."""
         self._show_center()
         dtype = self.trainable[0][2].dtype
         deltas = lowrank_deltas(self.state, members, self.sigma_int, self.noise, dtype, self.device, self.noise_cache)
-        per_chunk = max(1, self.max_rows // batch.rows) if self.max_rows else len(members)
+        per_chunk = max(1, self.max_rows // per) if self.max_rows else len(members)
         texts: list[str] = []
         for start in range(0, len(members), per_chunk):
             stop = min(start + per_chunk, len(members))
             with lowrank_hooks(self.model, [d.members(start, stop) for d in deltas]):
-                texts += self._completions(batch.repeat(stop - start), max_new_tokens)
-        return [texts[i : i + batch.rows] for i in range(0, len(texts), batch.rows)]
+                texts += self._completions(batch.slice(start * per, stop * per), max_new_tokens)
+        return [texts[i : i + per] for i in range(0, len(texts), per)]
 
 
 def build(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -12,7 +13,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from swarmtune.backends.base import BackendError, mean_reward
+from swarmtune.backends.base import BackendError, examples_per_member, mean_reward, shared_examples
 from swarmtune.backends.hf import stop_token_ids
 from swarmtune.backends.perturbation import lowrank_deltas, perturbed_weights, uses_lowrank_batching
 from swarmtune.backends.vllm_extension import tensor_bytes, wire_weight
@@ -135,23 +136,33 @@ class VLLMBackend:
             for s in self.state.specs
             if s.treatment == "lowrank"
         ]
-        return self._adapter_batch([zero], tokens, max_new_tokens)[0]
+        return self._adapter_batch([zero], [tokens], max_new_tokens)[0]
 
     def evaluate(
         self, members: Sequence[MemberNoise], examples: Sequence[Example], reward_fn: RewardFn, max_new_tokens: int
     ) -> list[float]:
         """One reward per member: the mean of reward_fn over the prompt batch under its perturbation."""
-        if not examples:
-            raise ValueError("evaluate needs at least one example")
-        tokens = self._token_prompts([example.prompt for example in examples])
-        if not members:
-            completions: list[list[str]] = []
-        elif self.lora:
+        return self.evaluate_each(members, shared_examples(members, examples), reward_fn, max_new_tokens)
+
+    def evaluate_each(
+        self, members: Sequence[MemberNoise], member_examples: Sequence[Sequence[Example]], reward_fn: RewardFn, max_new_tokens: int
+    ) -> list[float]:
+        """One reward per member: the mean of reward_fn over its own examples under its perturbation
+        (as adapters, every member's prompts in one generate call whatever prompts each has)."""
+        if not examples_per_member(members, member_examples):
+            return []
+        prompts = [[example.prompt for example in examples] for examples in member_examples]
+        distinct = list(dict.fromkeys(prompt for own in prompts for prompt in own))
+        token_of = dict(zip(distinct, self._token_prompts(distinct)))
+        tokens = [[token_of[prompt] for prompt in own] for own in prompts]
+        if self.lora:
             completions = self._adapter_completions(members, tokens, max_new_tokens)
         else:
-            completions = [self._member_completions(member, tokens, max_new_tokens) for member in members]
-        prompts, columns = [example.prompt for example in examples], columns_of(examples)
-        return [mean_reward(reward_fn, prompts, texts, columns) for texts in completions]
+            completions = [self._member_completions(member, own, max_new_tokens) for member, own in zip(members, tokens)]
+        return [
+            mean_reward(reward_fn, own, texts, columns_of(examples))
+            for own, texts, examples in zip(prompts, completions, member_examples)
+        ]
 
     # ---- weights and adapters in the engine ---------------------------------------------------
 
@@ -194,8 +205,11 @@ class VLLMBackend:
         self._rpc("swarmtune_load_weights", wire, False)
         return self._completions(tokens, max_new_tokens, [None] * len(tokens))
 
-    def _adapter_completions(self, members: Sequence[MemberNoise], tokens: list[list[int]], max_new_tokens: int) -> list[list[str]]:
-        """Members as rank-r adapters, max_loras of them per generate call (all of a usual assignment)."""
+    def _adapter_completions(
+        self, members: Sequence[MemberNoise], tokens: list[list[list[int]]], max_new_tokens: int
+    ) -> list[list[str]]:
+        """Members as rank-r adapters, max_loras of them per generate call (all of a usual assignment);
+        tokens[i]: member i's prompts."""
         self._show_center()
         deltas = lowrank_deltas(self.state, members, self.sigma_int, self.noise, self.dtype, "cpu", self.noise_cache)
         completions: list[list[str]] = []
@@ -203,12 +217,14 @@ class VLLMBackend:
             stop = min(start + self.max_loras, len(members))
             # lora_A = Bᵀ (r × in), lora_B = σ·sign·A (out × r): vLLM adds scaling·(x·lora_Aᵀ)·lora_Bᵀ, scaling 1.
             adapters = [[[d.module, d.b_t[m], d.a_t[m].T] for d in deltas] for m in range(start, stop)]
-            completions += self._adapter_batch(adapters, tokens, max_new_tokens)
+            completions += self._adapter_batch(adapters, tokens[start:stop], max_new_tokens)
         return completions
 
-    def _adapter_batch(self, adapters: list[list[list[Any]]], tokens: list[list[int]], max_new_tokens: int) -> list[list[str]]:
-        """Register `adapters` ([module, lora_A, lora_B] each) in the engine under fresh ids, then every
-        prompt under each of them in one generate call: completions per adapter."""
+    def _adapter_batch(
+        self, adapters: list[list[list[Any]]], tokens: list[list[list[int]]], max_new_tokens: int
+    ) -> list[list[str]]:
+        """Register `adapters` ([module, lora_A, lora_B] each) in the engine under fresh ids, then each
+        adapter's prompts (tokens[i]) under it, all in one generate call: completions per adapter."""
         from vllm.lora.request import LoRARequest
 
         ids = list(range(self._next_adapter, self._next_adapter + len(adapters)))
@@ -218,9 +234,10 @@ class VLLMBackend:
             for i, entries in zip(ids, adapters)
         ]
         self._rpc("swarmtune_set_adapters", self.noise.rank, wire, str(self.dtype).removeprefix("torch."))
-        requests = [LoRARequest(f"member-{i}", i, "swarmtune-in-memory") for i in ids for _ in tokens]
-        texts = self._completions(tokens * len(ids), max_new_tokens, requests)
-        return [texts[i : i + len(tokens)] for i in range(0, len(texts), len(tokens))]
+        requests = [LoRARequest(f"member-{i}", i, "swarmtune-in-memory") for i, own in zip(ids, tokens) for _ in own]
+        texts = self._completions([prompt for own in tokens for prompt in own], max_new_tokens, requests)
+        starts = [0, *itertools.accumulate(len(own) for own in tokens)]
+        return [texts[a:b] for a, b in zip(starts, starts[1:])]
 
     # ---- generation ---------------------------------------------------------------------------
 

@@ -90,6 +90,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="retention guard: pull the weights this much toward the base model every iteration, e.g. 0.001 (default %(default)s)",
     )  # fmt: skip
     parser.add_argument("--seed", type=int, default=defaults.seed, help="job seed: noise and prompt batches (default %(default)s)")
+    parser.add_argument(
+        "--job", type=Path, metavar="FILE",
+        help="run this job spec on builtin:tiny instead of the demo's own (e.g. examples/eggroll.toml); it needs a "
+        "[retention] task, the probe; --iterations, --population, --prompts, --alpha, --anchored-decay and --seed are then unused",
+    )  # fmt: skip
     parser.add_argument("--plot", type=Path, help="PNG of the curves to write (default WORKDIR/demo.png)")
     parser.add_argument("--summary", type=Path, metavar="FILE", help="write the summary as one JSON object to FILE")
     parser.add_argument("--json", action="store_true", help="print the summary JSON on stdout instead of the report")
@@ -105,6 +110,16 @@ def demo_job(args: argparse.Namespace) -> DemoJob:
         anchored_decay=args.anchored_decay,
         retention_every=args.measure_every,
     )
+
+
+def job_text(path: Path) -> str:
+    """A --job file's text, validated (the demo writes it to its work directory as given)."""
+    from swarmtune.jobspec import JobSpecError, load_job_spec
+
+    try:
+        return load_job_spec(path).spec_bytes.decode()
+    except JobSpecError as exc:
+        raise CommandError(str(exc)) from None
 
 
 def prepare_workdir(workdir: Path | None) -> Path:
@@ -203,10 +218,12 @@ def prepare(args: argparse.Namespace, display: Display, started: float) -> Prepa
     from swarmtune.demo.cluster import ensure_key
     from swarmtune.jobspec import parse_job_spec
 
-    job = demo_job(args)
-    spec = parse_job_spec(job.toml().encode())
+    text = job_text(args.job) if args.job else demo_job(args).toml()
+    spec = parse_job_spec(text.encode())
+    if not spec.retention_task:
+        raise CommandError(f"{args.job} has no [retention] task; the demo measures its probe: add [retention] task and every")
     workdir = prepare_workdir(args.workdir)
-    write_job_file(workdir / JOB_FILE, job.toml())
+    write_job_file(workdir / JOB_FILE, text)
     model_dir, build_seconds = build_model(spec, display)
     return Prepared(spec, workdir, model_dir, ensure_key(workdir / "coordinator.key"), build_seconds, started)
 

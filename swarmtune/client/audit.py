@@ -77,10 +77,12 @@ class AuditReport:
         return "\n".join(lines)
 
 
-def expected_coefficients(body: Iteration, alpha: float) -> tuple[int, ...]:
-    """PROTOCOL §3: the rewarded members' recorded rewards, shaped in member order; 0 for the others."""
+def expected_coefficients(body: Iteration, alpha: float, group_width: int | None = None) -> tuple[int, ...]:
+    """PROTOCOL §3: the rewarded members' recorded rewards, shaped in member order within their groups
+    (member m in group m // group_width; None: one group); 0 for the others."""
     rewarded = sorted(body.counted[0])
-    shaped = shaping.coefficients([body.rewards[m] for m in rewarded], body.shaping, alpha)
+    groups = [m // (group_width or body.plan.population) for m in rewarded]
+    shaped = shaping.coefficients([body.rewards[m] for m in rewarded], body.shaping, alpha, groups)
     expected = [0] * body.plan.population
     for member, coefficient in zip(rewarded, shaped):
         expected[member] = coefficient
@@ -91,7 +93,7 @@ def coefficient_problem(body: Iteration, spec: JobSpec) -> str | None:
     """Why the recorded coefficients are not what shaping the signed rewards gives (None if they are)."""
     if body.shaping != spec.shaping:
         return f"shaped with {body.shaping!r}, the job spec says {spec.shaping!r}"
-    expected = expected_coefficients(body, spec.alpha)
+    expected = expected_coefficients(body, spec.alpha, spec.group_width)
     for member, (recorded, derived) in enumerate(zip(body.coefficients, expected)):
         if recorded != derived:
             return f"member {member}'s coefficient is {recorded}; shaping the signed rewards gives {derived}"

@@ -1,11 +1,12 @@
-"""Re-derive what the coordinator judged: spot checks from the draw, each member's verdict, strikes behind revocations."""
+"""Re-derive what the coordinator judged: spot checks from the draw, each member's verdict, who was
+assigned which member and why, strikes behind revocations."""
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
 
-from swarmtune import draw, identity
+from swarmtune import assignlog, draw, identity
 from swarmtune.redundancy import revocation_reason, strikes, strikes_named, verdicts_of
 from swarmtune.entries import ROLE_REFEREE, Admission, Body, Iteration, Revocation
 from swarmtune.jobspec import JobSpec
@@ -49,7 +50,11 @@ class Judging:
     def problem(self, body: Body, spec: JobSpec) -> str | None:
         """Why `body` is not what the rules give from the entries before it; then account for it."""
         if isinstance(body, Iteration):
-            problem = verdict_problem(body, spec, self.active_referees)
+            referees = self.active_referees
+            spot = spot_checked(body, spec, referees)
+            problem = verdict_problem(body, spec, referees) or assignlog.assignment_problem(
+                body, spec.redundancy, spot, frozenset(self.referees), frozenset(self.revoked)
+            )
             verdicts = verdicts_of(body.replicated(), frozenset(), spec.redundancy_tolerance, frozenset(self.referees))
             self.strikes.update(strikes(verdicts.values()))
             return problem

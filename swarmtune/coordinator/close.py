@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Collection, Mapping, Sequence
 
-from swarmtune import batches, identity, shaping
+from swarmtune import assignlog, batches, identity, shaping
+from swarmtune.assignlog import Given
 from swarmtune.batches import Batch, MemberResult, Recorded
 from swarmtune.coordinator.lifecycle import OpenIteration
 from swarmtune.entries import Iteration, RetentionReport, Signed
@@ -29,12 +30,14 @@ class Closing:
 @dataclass(frozen=True)
 class Panel:
     """Who judges an iteration's members: the job's referees (none: majority rule), the members this
-    iteration spot-checks, and the draw and candidate order the assignment followed (for the entry)."""
+    iteration spot-checks, and the draw and candidates the opening assignment followed (for the entry)."""
 
     referees: frozenset[bytes] = frozenset()
     spot: frozenset[int] = frozenset()
     draw: bytes = b""
     candidates: tuple[bytes, ...] = ()
+    capacities: tuple[int, ...] = ()  # parallel to candidates: what each asked for
+    operators: tuple[int, ...] = ()  # assignlog.operator_ranks of the candidates' operators
 
 
 def dispute_alerts(verdicts: Mapping[int, Verdict], referees: Collection[bytes]) -> tuple[str, ...]:
@@ -95,16 +98,20 @@ def build_iteration(
     retention: Sequence[Signed[RetentionReport]] = (),
     alerts: Sequence[str] = (),
     panel: Panel = Panel(),
+    given: Sequence[Given] = (),
 ) -> Closing:
     """The iteration entry body: the batches of every counted result (members that did not settle and
     revoked workers are left out), the settled rewards a reader cannot infer, and shaping's integer
-    coefficients in member order. `source`: the batch each result was accepted from."""
+    coefficients in member order. `source`: the batch each result was accepted from; `given`: the
+    members given to a worker after the opening."""
     verdicts = verdicts_of(results, revoked, spec.redundancy_tolerance, panel.referees, panel.spot)
     standing = {m: v.reward for m, v in verdicts.items() if v.reward is not None}
     counted = [r for r in results if r.member in standing and r.worker_key not in revoked]
     order = sorted(standing)
-    shaped = dict(zip(order, shaping.coefficients([standing[m] for m in order], spec.shaping, spec.alpha)))
+    groups = [spec.group_of(m) for m in order]
+    shaped = dict(zip(order, shaping.coefficients([standing[m] for m in order], spec.shaping, spec.alpha, groups)))
     recorded = recorded_batches(counted, source)
+    others, assignments = assignlog.encode(given, panel.candidates)
     body = Iteration(
         iteration=open_iteration.iteration,
         opened_head=open_iteration.head_hash,
@@ -117,6 +124,10 @@ def build_iteration(
         alerts=tuple(alerts),
         draw=panel.draw,
         candidates=panel.candidates,
+        capacities=panel.capacities,
+        operators=panel.operators,
+        others=others,
+        assignments=assignments,
     )
     return Closing(body, {m: v for m, v in verdicts.items() if m in standing})
 

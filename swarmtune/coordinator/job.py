@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, AsyncIterator, Iterable, Sequence
+from typing import Any, AsyncIterator, Iterable, Mapping, Sequence
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -22,7 +22,7 @@ from swarmtune.coordinator.journal import Journal
 from swarmtune.coordinator.limits import Limits, Refused
 from swarmtune.coordinator.metrics import Metrics
 from swarmtune.redundancy import revocation_reason
-from swarmtune.coordinator.resume import resume
+from swarmtune.coordinator.resume import reopen, resume
 from swarmtune.coordinator.round import META_FIELD, Round
 from swarmtune.coordinator.scheduling import Scheduler
 from swarmtune.coordinator.sessions import Session
@@ -75,7 +75,7 @@ class Job:
         self._gate = Gate(spec.job_id, limits)
         # streams and who evaluates what
         self._broadcast = Broadcaster(limits.queue_limit)
-        self._scheduler = Scheduler(spec, chain.history, self._gate.sessions, self._broadcast, key)
+        self._scheduler = Scheduler(spec, chain.history, self._gate.sessions, self._broadcast, key, self._post_open)
         # submissions
         self._reward_range = reward_range
         self._round: Round | None = None
@@ -101,7 +101,7 @@ class Job:
         fields = await asyncio.to_thread(self._store.get_open, self.spec.job_id)
         self._round = resume(self.spec, fields, self.history, self._reward_range, now_ms())
         if self._round is not None:
-            self._scheduler.empanel(self._round, self._scheduler.candidates())
+            reopen(self._scheduler, self._round, fields, self.history)
             self._opened_once = True
             self.metrics.iteration.set(self._round.open.iteration)
             extra = {"iteration": self._round.open.iteration, "results": self._round.result_count(), "retention": len(self._round.retention)}
@@ -175,9 +175,12 @@ class Job:
         opened = lifecycle.open_iteration(self.spec, iteration, self._chain.head.hash, now_ms())
         # Announced without waiting for Redis: an iteration is a pure function of (job, t, head), so a
         # restart that finds no meta reopens the same one, and every result signed for it still counts.
-        self._journal.post({META_FIELD: lifecycle.encode_open_meta(opened)}).add_done_callback(_warn_if_unstored)
+        self._post_open({META_FIELD: lifecycle.encode_open_meta(opened)})
         self._round = self._scheduler.open_round(opened)
         self.metrics.iteration.set(iteration)
+
+    def _post_open(self, fields: Mapping[bytes, bytes]) -> None:
+        self._journal.post(fields).add_done_callback(_warn_if_unstored)
 
     def _finish(self, reason: str) -> None:
         finished = pb.JobFinished(last_iteration=self.history.last_iteration, head_index=self._chain.head.entry.index, reason=reason)
@@ -239,7 +242,7 @@ class Job:
         revoked = frozenset(self.history.revoked)
         reports = [signed for key, (signed, _) in sorted(current.retention.items()) if key not in revoked]
         alerts, _ = retention_alerts(reports, self.history.baselines, self.spec.retention_alert_threshold)
-        return build_iteration(self.spec, current.open, current.all_results(), current.source, revoked, reports, (*alerts, *raised), current.panel)
+        return build_iteration(self.spec, current.open, current.all_results(), current.source, revoked, reports, (*alerts, *raised), current.panel, current.given)
 
     async def _close(self, current: Round) -> None:
         """Revoke whoever the replicas outvoted too often, then shape, seal, append and broadcast."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import AsyncIterator
 
 from swarmtune.eventwait import set_within
-from swarmtune.store import LEASE_KEY, LedgerStore, StoreError, StoreUnreachable
+from swarmtune.store import LEASE_KEY, LeaseLost, LedgerStore, StoreError, StoreUnreachable
 
 log = logging.getLogger("swarmtune.coordinator")
 
@@ -51,10 +51,6 @@ class LeaseTimings:
     def takeover_bound_s(self) -> float:
         """From the active coordinator's death until a standby holds the lease, at most."""
         return self.ttl_s + self.poll_s
-
-
-class LeaseLost(StoreError):
-    """This coordinator may no longer hold its job's lease: it must not write (another may be active)."""
 
 
 def holder_token(listen: str) -> str:

@@ -7,14 +7,18 @@ import logging
 from dataclasses import replace
 from typing import Any, Mapping
 
-from swarmtune import batches, identity
+from google.protobuf.message import DecodeError
+
+from swarmtune import assignlog, batches, identity
+from swarmtune.assignment import Candidate, first_ranked
 from swarmtune.coordinator import lifecycle, validation
 from swarmtune.coordinator.chain import History
 from swarmtune.coordinator.lifecycle import OpenIteration
-from swarmtune.coordinator.round import BATCH_PREFIX, META_FIELD, RETENTION_PREFIX, Round, batch_field
-from swarmtune.entries import HASH_BYTES
+from swarmtune.coordinator.round import BATCH_PREFIX, GIVEN_PREFIX, META_FIELD, PANEL_FIELD, RETENTION_PREFIX, Round, batch_field
+from swarmtune.coordinator.scheduling import Scheduler
+from swarmtune.entries import HASH_BYTES, assignment_from_pb
 from swarmtune.jobspec import JobSpec
-from swarmtune.wire import service_pb2 as pb
+from swarmtune.wire import ledger_pb2, service_pb2 as pb
 
 log = logging.getLogger("swarmtune.coordinator")
 
@@ -39,8 +43,8 @@ def restore(context: validation.Context, current: Round, fields: Mapping[bytes, 
     batch members) that fail are dropped and logged with their reason. `context` is the open
     iteration's (any worker key)."""
     for name, data in sorted(fields.items()):
-        if name == META_FIELD:
-            continue
+        if name in (META_FIELD, PANEL_FIELD) or _given_field(name):
+            continue  # read by `reopen`
         if name.startswith(BATCH_PREFIX):
             _restore_batch(context, current, name, data)
             continue
@@ -121,3 +125,61 @@ def resume(spec: JobSpec, fields: Mapping[bytes, bytes], history: History, rewar
     restore(context, current, fields, spec.retention_due(resumed.iteration))
     current.retention_worker = next(iter(current.retention), None)
     return current
+
+
+def reopen(scheduler: Scheduler, current: Round, fields: Mapping[bytes, bytes], history: History) -> None:
+    """Empanel a resumed round over the opening's candidates read back from `fields` (else those
+    connected now: a fresh opening), holding the opening assignment and the later ones read back."""
+    opening = _opening(fields.get(PANEL_FIELD), history)
+    scheduler.reopen(current, scheduler.candidates() if opening is None else opening)
+    current.panel_journaled = opening is not None
+    if opening is None:
+        return
+    for name, data in sorted(fields.items()):
+        if _given_field(name):
+            _restore_given(current, name, data, history)
+
+
+def _given_field(name: bytes) -> bool:
+    return name.startswith(GIVEN_PREFIX) and len(name) == len(GIVEN_PREFIX) + 4
+
+
+def _opening(data: bytes | None, history: History) -> list[Candidate] | None:
+    if data is None:
+        return None
+    try:
+        message = ledger_pb2.Iteration.FromString(data)
+    except DecodeError:
+        message = None
+    keys, capacities, operators = (list(message.candidates), list(message.capacities), list(message.operators)) if message else ([], [], [])
+    stranger = any(key not in history.admitted or key in history.revoked for key in keys)
+    problem = "it does not parse" if message is None else assignlog.opening_problem(keys, capacities, operators)
+    if problem or stranger:
+        log.warning("not resuming the stored opening; assigning afresh", extra={"reason": problem or "a candidate is not an admitted key"})
+        return None
+    return assignlog.opening_candidates(keys, capacities, operators)
+
+
+def _restore_given(current: Round, name: bytes, data: bytes, history: History) -> None:
+    """Later assignments read back, each checked for form, rank and an admitted worker (else dropped)."""
+    candidates = current.panel.candidates
+    try:
+        message = ledger_pb2.Iteration.FromString(data)
+    except DecodeError:
+        _log_dropped(current.open.iteration, "later assignments", b"", pb.MALFORMED, "they do not parse")
+        return
+    others = tuple(message.others)
+    size = len(candidates) + len(others)
+    for record in map(assignment_from_pb, message.assignments):
+        problem = assignlog.assignment_form(record, size, len(current.open.numbers))
+        given = None if problem else assignlog.decode(candidates, others, [record])[0]
+        if given is not None and given.worker not in history.admitted:
+            problem = "its worker is not an admitted key"
+        elif given is not None and first_ranked(current.panel.draw, given.member, given.eligible) != given.worker:
+            problem = "the draw ranks another eligible worker first"
+        if problem or given is None:
+            _log_dropped(current.open.iteration, "later assignment", b"", pb.MALFORMED, problem or "")
+            continue
+        current.give_later([given])
+    current.journaled = len(current.given)
+    current.next_field = max(current.next_field, int.from_bytes(name[len(GIVEN_PREFIX) :], "big") + 1)

@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import struct
 from typing import Collection, Iterable, Mapping
 
+from swarmtune import assignlog
+from swarmtune.assignlog import Given
 from swarmtune.batches import Batch, MemberResult
 from swarmtune.coordinator.close import Panel
 from swarmtune.coordinator.lifecycle import OpenIteration
-from swarmtune.entries import RetentionReport, Signed
+from swarmtune.entries import RetentionReport, Signed, assignment_to_pb
 from swarmtune.redundancy import needs_referee, settled, wanted
+from swarmtune.wire import ledger_pb2 as pb
 
 # Fields of the open-iteration hash in Redis (store.get_open/put_open): the meta record, then one
-# field per batch a member was accepted from, and per retention report, holding its exact submitted bytes.
+# field per batch a member was accepted from, and per retention report, holding its exact submitted bytes;
+# the opening's candidates, and the later assignments (one field per batch of them, numbered in order).
 META_FIELD = b"meta"
 BATCH_PREFIX = b"b"
 RETENTION_PREFIX = b"t"
+PANEL_FIELD = b"p"
+GIVEN_PREFIX = b"a"
 
 
 def batch_field(batch: Batch) -> bytes:
@@ -43,6 +50,11 @@ class Round:
         self.retention: dict[bytes, tuple[Signed[RetentionReport], bytes]] = {}
         self.retention_worker: bytes | None = None
         self.stolen: set[int] = set()  # members given an extra holder since the straggle point
+        self.lost: set[int] = set()  # members a worker left holding unanswered
+        self.given: list[Given] = []  # members given after the opening, why, and who could take them
+        self.journaled = 0  # how many of `given` were posted to Redis
+        self.next_field = 0  # number of the next GIVEN_PREFIX field
+        self.panel_journaled = False  # PANEL_FIELD posted (or read back)
         self.wanting: set[int] = set(open_iteration.numbers)  # members that may lack holders (checked lazily)
         self.opened_bytes: bytes | None = None  # serialized common part of IterationOpened
         self.closing = False
@@ -62,8 +74,17 @@ class Round:
         key = batch.worker_key
         held = self.held.setdefault(key, {})
         rewards = dict(zip(batch.members, batch.rewards))
-        for member in members:
-            reward = rewards[member]
+        taken = {m: rewards[m] for m in members}
+        if not self.panel.referees and self.replicas.keys().isdisjoint(taken):
+            # The common case, taken whole: first replicas under majority rule, which settle
+            # exactly when one replica is enough (what _resettle would find member by member).
+            held.update(taken)
+            self.source.update(((key, m), batch) for m in taken)
+            self.replicas.update((m, {key: r}) for m, r in taken.items())
+            if self.target <= 1:
+                self.settled.update(taken)
+            return
+        for member, reward in taken.items():
             held[member] = reward
             self.source[key, member] = batch
             self.replicas.setdefault(member, {})[key] = reward
@@ -82,7 +103,7 @@ class Round:
     def empanel(self, panel: Panel) -> None:
         """Judge under these referees and spot checks from now on: re-judge every member."""
         self.panel = panel
-        for member in self.open.numbers:
+        for member in self.replicas:  # a member without replicas is not settled, under any panel
             self._resettle(member)
         self.wanting.update(self.open.numbers)
 
@@ -114,6 +135,24 @@ class Round:
             self.assigned.setdefault(key, set()).add(member)
             self.holders.setdefault(member, set()).add(key)
 
+    def give_later(self, given: Iterable[Given]) -> None:
+        """Members given after the opening: held like the opening's, and recorded for the entry."""
+        for record in given:
+            self.give(record.worker, (record.member,))
+            self.given.append(record)
+
+    def unjournaled(self) -> dict[bytes, bytes]:
+        """The opening's candidates (first time) and the later assignments not yet posted, as Redis fields."""
+        out = {} if self.panel_journaled else {PANEL_FIELD: panel_value(self.panel)}
+        self.panel_journaled = True
+        if self.journaled < len(self.given):
+            others, assignments = assignlog.encode(self.given[self.journaled :], self.panel.candidates)
+            message = pb.Iteration(others=others, assignments=map(assignment_to_pb, assignments))
+            out[GIVEN_PREFIX + struct.pack(">I", self.next_field)] = message.SerializeToString()
+            self.journaled = len(self.given)
+            self.next_field += 1
+        return out
+
     def pending(self, key: bytes) -> list[int]:
         """Members this worker holds and has not answered, in member order."""
         answered = self.held.get(key, {})
@@ -124,6 +163,7 @@ class Round:
         for member in self.pending(key):
             self.holders[member].discard(key)
             self.wanting.add(member)
+            self.lost.add(member)
 
     def needs(self) -> dict[int, int]:
         """member -> extra untrusted holders wanted: replicas missing beyond what current holders still owe."""
@@ -139,12 +179,14 @@ class Round:
                 extra = 0 if m in self.settled else wanted(replicas, self.target, self.tolerance, referees) - len(replicas) - owed
             if extra > 0:
                 out[m] = extra
-            elif not self._wants_referee(m):
+            elif not referees or not self._wants_referee(m):  # without referees, none is wanted
                 self.wanting.discard(m)
         return out
 
     def referee_needs(self) -> dict[int, int]:
         """member -> 1 for members a referee must re-evaluate that no referee holds yet."""
+        if not self.panel.referees:  # the common case: no member to look at
+            return {}
         return {m: 1 for m in sorted(self.wanting) if self._wants_referee(m) and not self.holders.get(m, set()) & self.panel.referees}
 
     def _wants_referee(self, member: int) -> bool:
@@ -157,3 +199,8 @@ class Round:
 
     def load(self, key: bytes) -> int:
         return len(self.pending(key))
+
+
+def panel_value(panel: Panel) -> bytes:
+    """PANEL_FIELD's value: the opening's candidates, capacities and operators."""
+    return pb.Iteration(candidates=panel.candidates, capacities=panel.capacities, operators=panel.operators).SerializeToString()

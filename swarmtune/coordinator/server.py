@@ -18,7 +18,7 @@ from swarmtune import entries, identity, ledger
 from swarmtune.coordinator.admissions import Admissions, as_referees, by_operator
 from swarmtune.coordinator.chain import Chain, History, check_genesis, genesis_entry, recover
 from swarmtune.coordinator.job import Job
-from swarmtune.coordinator.lease import Lease, LeaseLost, LeaseTimings, holder_token, kept
+from swarmtune.coordinator.lease import Lease, LeaseTimings, holder_token, kept
 from swarmtune.coordinator.limits import Limits
 from swarmtune.coordinator.metrics import Metrics
 from swarmtune.coordinator.service import CoordinatorService, add_to_server
@@ -27,7 +27,7 @@ from swarmtune.entries import Genesis
 from swarmtune.grpcoptions import GrpcOptions, connection_options
 from swarmtune.jobspec import JobSpec
 from swarmtune.shaping import SHAPING_VERSION
-from swarmtune.store import HeadMismatch, LedgerStore, redact
+from swarmtune.store import HeadMismatch, LeaseLost, LedgerStore, redact
 
 log = logging.getLogger("swarmtune.coordinator")
 
@@ -295,12 +295,12 @@ async def main(
             log.info("stopping on signal while standing by", extra={"job": spec.job_id})
             return 0
         async with kept(lease):
-            fenced = store.fenced(lease.check)
+            fenced = store.fenced(lease.check, lease.token)
             try:
                 history = await asyncio.to_thread(open_history, fenced, spec, key, admitted, lambda: genesis_from_model(spec, key, admitted))
                 code = 0 if stop.is_set() else await serve(spec, fenced, key, history, reward_range, options, stop, lease.lost)
             except LeaseLost:  # a write refused before the renewal noticed (e.g. after a pause)
-                lease.lose("a write found it not renewed in time")
+                lease.lose("a write was refused: not renewed in time, or Redis names another holder")
             if lease.lost.is_set():
                 raise LeaseLost(lease.describe_loss())
             return code

@@ -39,13 +39,9 @@ class CoordinatorService:
     async def Join(self, request: pb.JoinRequest, context: grpc.aio.ServicerContext) -> pb.JoinReply:
         return await _unary(context, lambda: self._job.join(request))
 
-    async def Subscribe(self, request: pb.SubscribeRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
-        """Yields serialized Announcements: each is serialized once for all its subscribers."""
-        try:
-            async for message in self._job.subscribe(request.session, request.from_index):
-                yield message
-        except Refused as refused:
-            await _abort(context, refused)
+    def Subscribe(self, request: pb.SubscribeRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        """Serialized Announcements: each is serialized once for all its subscribers."""
+        return self._job.subscribe(request.session, request.from_index)
 
     async def SubmitResults(self, request: pb.SubmitRequest, context: grpc.aio.ServicerContext) -> pb.SubmitReply:
         return await _unary(context, lambda: self._job.submit(request))
@@ -53,20 +49,13 @@ class CoordinatorService:
     async def Attest(self, request: pb.AttestRequest, context: grpc.aio.ServicerContext) -> pb.AttestReply:
         return await _unary(context, lambda: self._job.attest(request))
 
-    async def FetchLedger(self, request: pb.FetchLedgerRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.LedgerEntry]:
+    def FetchLedger(self, request: pb.FetchLedgerRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.LedgerEntry]:
         head = self._job.history.head.entry.index
         stop = head + 1 if request.to_index == 0 else request.to_index
         if request.from_index > head + 1 or stop > head + 1 or stop < request.from_index:
-            await _abort(
-                context,
-                Refused("OUT_OF_RANGE", f"range [{request.from_index}, {request.to_index}) is outside the ledger [0, {head + 1}); to_index 0 means the head"),
-            )
-            return
-        try:
-            async for entry in self._job.read_entries(request.from_index, stop):
-                yield entry
-        except Refused as refused:
-            await _abort(context, refused)
+            what = f"range [{request.from_index}, {request.to_index}) is outside the ledger [0, {head + 1}); to_index 0 means the head"
+            raise Refused("OUT_OF_RANGE", what)
+        return self._job.read_entries(request.from_index, stop)
 
     async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.JobStatus:
         return self._job.status()
@@ -96,11 +85,17 @@ def _unary_handler(
 def _stream_handler(
     message: type[Request], method: Callable[[Request, grpc.aio.ServicerContext], AsyncIterator[Any]], serialize: Callable[[Any], bytes]
 ) -> grpc.RpcMethodHandler:
-    """A server-streaming handler that takes the raw request bytes, like `_unary_handler`."""
+    """A server-streaming handler that takes the raw request bytes, like `_unary_handler`, and ends the
+    stream with the status of a refusal. The method's own iterator is the only generator in between:
+    a live announcement passes through as few layers as possible on its way to every subscriber."""
 
     async def handle(raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        async for reply in method(await _decode(message, raw, context), context):
-            yield reply
+        request = await _decode(message, raw, context)
+        try:
+            async for reply in method(request, context):
+                yield reply
+        except Refused as refused:
+            await _abort(context, refused)
 
     return grpc.unary_stream_rpc_method_handler(handle, None, serialize)
 

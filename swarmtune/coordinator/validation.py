@@ -109,8 +109,13 @@ class BatchCheck:
     detail: str
     batch: Batch | None = None
     members: tuple[Checked[Any], ...] = ()  # aligned with batch.members
+    fresh: bool = False  # every member ACCEPTED (the common case, answered without a loop per member)
 
     def status(self) -> pb.BatchStatus:
+        if self.fresh:
+            # The same message as below, parsed from bytes made once: a field repeated in
+            # serialized form is the repeated field.
+            return pb.BatchStatus.FromString(_FRESH_STATUS + _ACCEPTED_MEMBER * len(self.members))
         return pb.BatchStatus(
             status=pb.ItemStatus(reason=self.reason, detail=self.detail),
             members=[pb.ItemStatus(reason=c.reason, detail=c.detail) for c in self.members],
@@ -121,6 +126,8 @@ class BatchCheck:
         """The members newly accepted."""
         if self.batch is None:
             return []
+        if self.fresh:
+            return list(self.batch.members)
         return [m for m, c in zip(self.batch.members, self.members) if c.reason == pb.ACCEPTED]
 
     @property
@@ -162,9 +169,9 @@ def check_batch(context: Context, data: bytes, assigned: Collection[int], held: 
     low, high = context.reward_range
     members, rewards = batch.members, batch.rewards
     if _all_fresh(members, rewards, assigned, held, settled, low, high):  # the common case, without a Python loop per member
-        return BatchCheck(pb.ACCEPTED, "taken apart: see each member", batch, (_ACCEPTED,) * len(members))
+        return BatchCheck(pb.ACCEPTED, _TAKEN_APART, batch, (_ACCEPTED,) * len(members), fresh=True)
     checks = tuple(_member_check(m, r, population, assigned, held, settled, low, high) for m, r in zip(members, rewards))
-    return BatchCheck(pb.ACCEPTED, "taken apart: see each member", batch, checks)
+    return BatchCheck(pb.ACCEPTED, _TAKEN_APART, batch, checks)
 
 
 def _all_fresh(
@@ -183,6 +190,10 @@ def _all_fresh(
 
 _ACCEPTED: Checked[Any] = Checked(pb.ACCEPTED, "accepted")
 _DUPLICATE: Checked[Any] = Checked(pb.DUPLICATE, "already accepted")
+_TAKEN_APART = "taken apart: see each member"
+# A fresh batch's BatchStatus, serialized: its own status, then one such member status per member.
+_FRESH_STATUS = pb.BatchStatus(status=pb.ItemStatus(reason=pb.ACCEPTED, detail=_TAKEN_APART)).SerializeToString()
+_ACCEPTED_MEMBER = pb.BatchStatus(members=[pb.ItemStatus(reason=_ACCEPTED.reason, detail=_ACCEPTED.detail)]).SerializeToString()
 
 
 def _member_check(

@@ -108,9 +108,13 @@ def split_held_out(
     return train, held
 
 
-def sample_indices(job_seed: int, iteration: int, size: int, k: int, salt: str = "train") -> list[int]:
-    """Indices of the prompt batch of iteration t: the same on every site, from (job seed, t)."""
-    digest = hashlib.sha256(f"swarmtune/prompts/v1/{salt}/{job_seed}/{iteration}".encode()).digest()
+def sample_indices(job_seed: int, iteration: int, size: int, k: int, salt: str = "train", group: int = 0) -> list[int]:
+    """Indices of group g's prompt batch of iteration t: the same on every site, from (job seed, t, g).
+
+    Group 0 draws from (job seed, t) alone, so a job with one group keeps the draw it always had.
+    """
+    suffix = f"/{group}" if group else ""
+    digest = hashlib.sha256(f"swarmtune/prompts/v1/{salt}/{job_seed}/{iteration}{suffix}".encode()).digest()
     rng = random.Random(int.from_bytes(digest[:8], "little"))
     if k >= size:
         return list(range(size))

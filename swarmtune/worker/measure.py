@@ -22,11 +22,12 @@ def evaluation_batch(pending: list[MemberNoise], lowrank: bool) -> list[MemberNo
 
 
 def member_rewards(site: Site, iteration: int, members: list[MemberNoise]) -> list[float] | None:
-    """Rewards of members of iteration t on t's prompts, or None once the replica has moved past t's center."""
+    """Rewards of members of iteration t on their groups' prompts (one batched evaluation), or None once
+    the replica has moved past t's center."""
     if site.replica.iteration != iteration - 1:
         return None
-    spec = site.job.spec
-    return site.backend().evaluate(members, prompt_batch(site.job.task, spec, iteration), site.job.task.reward, spec.max_new_tokens)
+    spec, task = site.job.spec, site.job.task
+    return site.backend().evaluate_each(members, member_prompts(task, spec, iteration, members), task.reward, spec.max_new_tokens)
 
 
 def center_retention(site: Site, iteration: int) -> tuple[tuple[str, float], ...] | None:
@@ -36,10 +37,16 @@ def center_retention(site: Site, iteration: int) -> tuple[tuple[str, float], ...
     return retention_figures(site.backend(), site.job.retention, site.job.spec)
 
 
-def prompt_batch(task: Task, spec: JobSpec, iteration: int) -> list[Example]:
-    """Iteration t's prompts: the same for every member and every site, from (job seed, t)."""
+def prompt_batch(task: Task, spec: JobSpec, iteration: int, group: int = 0) -> list[Example]:
+    """Group g's prompts of iteration t: the same for every member of g and every site, from (job seed, t, g)."""
     train = task.train()
-    return [train[i] for i in sample_indices(spec.job_seed, iteration, len(train), spec.prompts_per_iteration)]
+    return [train[i] for i in sample_indices(spec.job_seed, iteration, len(train), spec.member_prompt_count, group=group)]
+
+
+def member_prompts(task: Task, spec: JobSpec, iteration: int, members: list[MemberNoise]) -> list[list[Example]]:
+    """Each member's prompts of iteration t: its group's batch (one batch for the whole population by default)."""
+    groups = {g: prompt_batch(task, spec, iteration, g) for g in {spec.group_of(m.member) for m in members}}
+    return [groups[spec.group_of(m.member)] for m in members]
 
 
 def retention_figures(backend: Backend, task: Task, spec: JobSpec) -> tuple[tuple[str, float], ...]:

@@ -13,7 +13,7 @@ from swarmtune.client.judging import Judging, spot_checked, verdict_problem
 from swarmtune.batches import Recorded
 from swarmtune.entries import ROLE_REFEREE, Admission, Iteration, Revocation
 from swarmtune.jobspec import parse_job_spec
-from swarmtune.coordinator.assignment import Candidate, reassign
+from swarmtune.assignment import Candidate, by_worker, picks
 from swarmtune.coordinator.close import dispute_alerts
 from swarmtune.redundancy import (
     judge,
@@ -127,14 +127,14 @@ def test_an_idle_fast_worker_gets_no_more_extra_replicas_than_its_share() -> Non
     got: Counter[bytes] = Counter()
     for t in range(200):
         holders = {0: frozenset({k(2), k(3)})}
-        plan = reassign({0: 1}, holders, pool, load, draw=bytes([t % 256, t // 256]) * 32, disputed={0})
+        plan = by_worker(picks({0: 1}, holders, pool, load, draw=bytes([t % 256, t // 256]) * 32, disputed={0}))
         got.update(list(plan))
     assert set(got) == {k(1), k(4), k(5)} and max(got.values()) < 100  # ~67 each
 
 
 def test_first_replicas_still_respect_capacity() -> None:
     pool = [Candidate(k(1), "a", 1), Candidate(k(2), "b", 1)]
-    plan = reassign({0: 1, 1: 1, 2: 1}, {}, pool, {k(1): 1, k(2): 0}, draw=b"z" * 64)
+    plan = by_worker(picks({0: 1, 1: 1, 2: 1}, {}, pool, {k(1): 1, k(2): 0}, draw=b"z" * 64))
     assert plan == {k(2): (0,)}
 
 
@@ -146,7 +146,7 @@ SPEC = b'[job]\nid = "pure"\nmodel = "builtin:tiny"\nseed = 3\n[task]\nname = "c
 def drawn_iteration(chain: ChainBuilder, key: Ed25519PrivateKey | None = None) -> Iteration:
     body = chain.iteration()
     drawn = draw.make_draw(key or chain.coordinator, chain.job_id, body.iteration, body.opened_head)
-    return replace(body, draw=drawn, candidates=tuple(draw.keyed_order(drawn, (chain.key(i) for i in range(3)))))
+    return replace(body, draw=drawn, candidates=tuple(draw.keyed_order(drawn, (chain.key(i) for i in range(3)))), capacities=(1, 1, 1))
 
 
 def problem_of(chain: ChainBuilder) -> str | None:

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from swarmtune import batches, entries, identity, shaping
-from swarmtune.coordinator.assignment import Candidate, assign, effective_replicas, quotas, reassign
+from swarmtune.assignment import Candidate, assign, by_worker, effective_replicas, picks, quotas
 from swarmtune.coordinator.close import build_iteration, retention_alerts
 from swarmtune.coordinator.lifecycle import encode_open_meta, extend_deadline, may_close, open_iteration, quorum_members, resume_iteration
 from swarmtune.redundancy import judge, settled, strikes, to_revoke, wanted
@@ -112,7 +112,7 @@ def test_reassign_avoids_holders_and_their_operators_within_capacity() -> None:
     pool = candidates((1, "a", 2), (2, "b", 2), (3, "b", 2), (4, "c", 1))
     holders = {0: frozenset({k(1)}), 1: frozenset({k(2)}), 2: frozenset({k(2)})}
     for t in range(20):
-        plan = reassign({0: 1, 1: 1, 2: 1}, holders, pool, load={k(1): 0, k(2): 0, k(3): 0, k(4): 0}, draw=bytes([t]) * 64)
+        plan = by_worker(picks({0: 1, 1: 1, 2: 1}, holders, pool, load={k(1): 0, k(2): 0, k(3): 0, k(4): 0}, draw=bytes([t]) * 64))
         got = holders_of(plan)
         assert got[0][0] != k(1)
         assert got[1][0] not in (k(2), k(3)) and got[2][0] not in (k(2), k(3))  # same operator as the holder
@@ -121,7 +121,7 @@ def test_reassign_avoids_holders_and_their_operators_within_capacity() -> None:
 
 def test_reassign_skips_members_nobody_can_take() -> None:
     pool = candidates((1, "a", 2))
-    assert reassign({0: 1}, {0: frozenset({k(1)})}, pool, {}) == {}
+    assert picks({0: 1}, {0: frozenset({k(1)})}, pool, {}) == ()
 
 
 def test_judge_median_majority() -> None:

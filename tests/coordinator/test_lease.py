@@ -10,9 +10,12 @@ from typing import Callable, Iterator
 
 import pytest
 
-from swarmtune.coordinator.lease import Lease, LeaseLost, LeaseTimings, holder_token, kept
+from swarmtune import entries
+from swarmtune.coordinator.lease import Lease, LeaseTimings, holder_token, kept
 from swarmtune.coordinator.waiting import RedisWait, wait_for_store
-from swarmtune.store import LEASE_KEY, LedgerStore, StoreUnavailable, StoreUnreachable, connect
+from swarmtune.headcheck import Head
+from swarmtune.store import LEASE_KEY, LeaseLost, LedgerStore, StoreUnavailable, StoreUnreachable, connect
+from tests.support.ledger_factory import sound_chain
 
 SLACK_S = 2.0  # scheduling on a loaded machine
 SHORT = LeaseTimings(ttl_s=1.0)
@@ -91,7 +94,7 @@ def test_a_stolen_lease_is_lost_and_the_fence_refuses_every_write(
         async with kept(active):
             store._client.set(LEASE_KEY.format(job=job_id), "another coordinator")
             await asyncio.wait_for(active.lost.wait(), SHORT.renew_every_s + SLACK_S)
-        fenced = store.fenced(active.check)
+        fenced = store.fenced(active.check, active.token)
         for write in (lambda: fenced.put_open(job_id, {b"meta": b"{}"}), lambda: fenced.delete_open(job_id)):
             with pytest.raises(LeaseLost, match="another coordinator holds it"):
                 write()
@@ -108,7 +111,7 @@ def test_a_paused_holder_stops_writing_before_its_lease_can_lapse(store: LedgerS
     async def scenario() -> None:
         active = lease(store, job_id, "active")
         assert await active.acquire(asyncio.Event())
-        fenced = store.fenced(active.check)
+        fenced = store.fenced(active.check, active.token)
         fenced.put_open(job_id, {b"before": b"1"})
         time.sleep(SHORT.ttl_s - SHORT.margin_s)  # the whole process paused: no renewal ran
         with pytest.raises(LeaseLost, match="not renewed within"):
@@ -119,6 +122,29 @@ def test_a_paused_holder_stops_writing_before_its_lease_can_lapse(store: LedgerS
 
     asyncio.run(scenario())
     assert store.get_open(job_id) == {b"before": b"1"}
+
+
+def test_redis_refuses_a_write_sent_after_the_lease_changed_hands(store: LedgerStore, job_id: str) -> None:
+    """A process paused between its own lease check and the write (the check passed, the lease moved on
+    meanwhile): the append and the open-state writes are refused by Redis itself, nothing is written."""
+    chain = sound_chain(job_id=job_id)
+    passed_check = store.fenced(lambda: None, "the paused coordinator")
+    store._client.set(LEASE_KEY.format(job=job_id), "the paused coordinator")
+    assert passed_check.append(chain.stored[0]).ok
+    passed_check.put_open(job_id, {b"meta": b"mine"})
+    store._client.set(LEASE_KEY.format(job=job_id), "the standby that took over")
+    for write in (
+        lambda: passed_check.append(chain.stored[1]),
+        lambda: passed_check.put_open(job_id, {b"meta": b"stale"}),
+        lambda: passed_check.delete_open(job_id),
+    ):
+        with pytest.raises(LeaseLost, match="lease no longer names this coordinator"):
+            write()
+    assert store.head(job_id) == Head(0, entries.entry_hash(chain.stored[0]))
+    assert store.get_open(job_id) == {b"meta": b"mine"}
+    store._client.delete(LEASE_KEY.format(job=job_id))  # lapsed, nobody holds it: still refused
+    with pytest.raises(LeaseLost):
+        passed_check.append(chain.stored[1])
 
 
 def test_a_lease_with_no_expiry_is_reported_and_a_signal_ends_the_standby(

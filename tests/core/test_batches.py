@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
+import random
+import re
 from dataclasses import replace
+from itertools import accumulate
 
 import pytest
 
@@ -24,6 +27,36 @@ def test_members_round_trip_through_their_canonical_gaps(members: list[int]) -> 
     assert batches.unpack_members(packed) == tuple(members)
     if members and max(b - a for a, b in zip([-1, *members], members)) < 0x80:
         assert len(packed) == len(members)  # one byte a member where they are close
+
+
+def _decoded(data: bytes) -> tuple[int, ...] | None:
+    """Canonical member gaps read plainly, value by value (None: not canonical), as PROTOCOL §5.5 says."""
+    values = re.findall(rb"[\x80-\xff]*[\x01-\x7f]", data)
+    if 0 in data or b"".join(values) != data:
+        return None
+    gaps = [sum((byte & 0x7F) << (7 * i) for i, byte in enumerate(value)) for value in values]
+    members = tuple(accumulate(gaps, initial=-1))[1:]
+    return None if members and members[-1] >= 2**32 else members
+
+
+def test_member_bytes_decode_as_read_plainly_whatever_their_shape() -> None:
+    """Strided, consecutive, irregular and arbitrary bytes: the fast paths agree with the plain reading."""
+    rng = random.Random(5)
+    for _ in range(5000):
+        if rng.random() < 0.5:
+            start, stride = rng.choice([0, 127, 128, 16_384, rng.randrange(2**32)]), rng.choice([1, 2, 128, 256, 1000, 2**21, rng.randrange(1, 2**28)])
+            members = [m for m in (start + stride * i for i in range(rng.randrange(70))) if m < 2**32]
+            if len(members) > 2 and rng.random() < 0.3:
+                del members[rng.randrange(len(members))]
+            data = batches.pack_members(members)
+        else:
+            data = bytes(rng.choice([0, 1, 2, 0x7F, 0x80, 0x81, 0xFF, rng.randrange(256)]) for _ in range(rng.randrange(12)))
+        expected = _decoded(data)
+        if expected is None:
+            with pytest.raises(BatchError):
+                batches.unpack_members(data)
+        else:
+            assert batches.unpack_members(data) == expected, data
 
 
 def test_consecutive_members_cost_one_byte_each_after_the_first() -> None:

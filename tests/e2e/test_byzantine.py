@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from swarmtune import identity, ledgerfile
+from swarmtune import assignlog, identity, ledgerfile
 from swarmtune.client.audit import audit
 from swarmtune.entries import Iteration, Revocation, StoredEntry, parse_entry
 from tests.support.cluster import TASK_FILE, WAIT_S, Cluster, Clusters, iterations, key_of
@@ -79,6 +79,14 @@ def test_one_liar_among_three_honest_is_revoked(clusters: Clusters, redis_url: s
     for it in iterations(stored):  # shaping only ever used a reward an honest worker measured
         assert all(r.worker_key != liar or r.reward != it.rewards[r.member] for r in it.results)
     assert iterations(stored)[0].candidates and set(iterations(stored)[0].candidates) <= set(map(key_of, cluster.worker_keys))
+    assert all(len(it.capacities) == len(it.candidates) for it in iterations(stored))
+    # The liar's disputed members got extra opinions, each recorded with its reason (the audit checked them).
+    assert any(g.reason == assignlog.DISPUTE for g in later(stored))
+
+
+def later(stored: list[StoredEntry]) -> list[assignlog.Given]:
+    """Every member given to a worker after an opening, as the entries record them."""
+    return [g for it in iterations(stored) for g in assignlog.decode(it.candidates, it.others, it.assignments)]
 
 
 def test_two_colluding_liars_are_revoked_by_a_referee(clusters: Clusters, redis_url: str, model_dir: Path, job_id: str) -> None:
@@ -102,6 +110,8 @@ def test_two_colluding_liars_are_revoked_by_a_referee(clusters: Clusters, redis_
                 assert it.rewards[r.member] == r.reward
     reasons = [e.entry.body.reason for e in stored if isinstance(e.entry.body, Revocation)]
     assert all("disagreed with a referee" in reason for reason in reasons)
+    refereed = [g for g in later(stored) if g.worker == referee]  # the referee takes nothing at an opening
+    assert refereed and {g.reason for g in refereed} <= {assignlog.SPOT_CHECK, assignlog.DISPUTE}
 
 
 def test_without_a_referee_no_honest_majority_is_revoked_and_an_alert_is_raised(

@@ -108,6 +108,9 @@ class SimWorker:
     capacity: int = 4
     operator: str = ""
     reward: RewardFn = default_reward
+    # A reward from the member alone, no noise seed derived per member: a load bench's workers, whose
+    # own work must stay small next to the coordinator's on shared cores.
+    member_reward: Callable[[int], float] | None = None
     auto: bool = True  # answer assignments as they come
     take_reassignments: bool = True  # with auto, also answer members re-assigned to it
     keep_entries: bool = True  # keep entry announcements (a load test drops them: memory)
@@ -131,8 +134,10 @@ class SimWorker:
     def batch(self, opened: pb.IterationOpened, members: list[int], rewards: list[float] | None = None, **changes: object) -> bytes:
         """One signed batch of `members` of `opened`; `changes` override the bound fields (job_id,
         iteration, head_hash) to forge bad ones."""
-        plan = entries.plan_from_pb(opened.plan)
-        if rewards is None:
+        if rewards is None and self.member_reward is not None:
+            rewards = [self.member_reward(m) for m in members]
+        elif rewards is None:
+            plan = entries.plan_from_pb(opened.plan)
             rewards = [self.reward(m, plan.noise(opened.iteration, m).seed) for m in members]
         bound: dict[str, Any] = dict(job_id=self.job_id, iteration=opened.iteration, head_hash=opened.head_hash)
         bound.update(changes)

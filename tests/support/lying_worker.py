@@ -33,6 +33,11 @@ class Fabricating:
     def evaluate(self, members: Sequence[MemberNoise], examples: Sequence[Example], reward_fn: RewardFn, max_new_tokens: int) -> list[float]:
         return [1.0 for _ in members]
 
+    def evaluate_each(
+        self, members: Sequence[MemberNoise], member_examples: Sequence[Sequence[Example]], reward_fn: RewardFn, max_new_tokens: int
+    ) -> list[float]:
+        return [1.0 for _ in members]
+
     def generate(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
         return self.inner.generate(prompts, max_new_tokens)
 

@@ -100,3 +100,36 @@ def test_set_center_moves_the_engine_to_the_new_state(pair: tuple[HFBackend, Any
     vllm.set_center(moved)
     after = vllm.generate(prompts, NEW_TOKENS)
     assert after == hf.generate(prompts, NEW_TOKENS) and after != before
+
+
+class PromptRecorder(Recorder):
+    """A Recorder that also keeps the prompts of each batch it scored."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.prompts: list[list[str]] = []
+
+    def __call__(self, prompts: list[str], completions: list[str], target: list[str]) -> list[float]:
+        self.prompts.append(list(prompts))
+        return super().__call__(prompts, completions, target)
+
+
+def test_members_on_their_groups_prompts_agree_with_hf_in_one_generate_call(pair: tuple[HFBackend, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    hf, vllm = pair
+    members = population(13, 2, MEMBERS, antithetic=True)
+    # Groups of 4 members, each group on its own 2 prompts (EGGROLL's regime).
+    per_member = [[EXAMPLES[(m.member // 4 + k) % len(EXAMPLES)] for k in range(2)] for m in members]
+    calls: list[int] = []
+    completions = vllm._completions
+
+    def counted(tokens: list[list[int]], max_new_tokens: int, requests: list[Any]) -> list[str]:
+        calls.append(len(tokens))
+        return completions(tokens, max_new_tokens, requests)
+
+    monkeypatch.setattr(vllm, "_completions", counted)
+    by_hf, by_vllm = PromptRecorder(), PromptRecorder()
+    hf.evaluate_each(members, per_member, by_hf, NEW_TOKENS)
+    vllm.evaluate_each(members, per_member, by_vllm, NEW_TOKENS)
+    assert by_vllm.prompts == by_hf.prompts == [[e.prompt for e in own] for own in per_member]
+    assert agreement(by_hf.batches, by_vllm.batches) >= MIN_AGREEMENT
+    assert calls == ([MEMBERS * 2] if vllm.lora else [2] * MEMBERS)  # adapters: every member's rows in one call

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import bisect
 import heapq
 from collections import deque
 from dataclasses import dataclass
-from typing import Collection, Mapping, Sequence
+from typing import Collection, Iterable, Mapping, Sequence
 
 from swarmtune.draw import keyed_order, member_rank
 
@@ -56,7 +57,7 @@ def assign(members: Sequence[int], candidates: Sequence[Candidate], replicas: in
     """Initial assignment of an iteration: member -> up to `replicas` workers of distinct operators.
 
     Each worker's share of the slots follows its capacity and never exceeds it; slots beyond the
-    total capacity stay unassigned, and workers pull them as they finish (see `reassign`). Within
+    total capacity stay unassigned, and workers pull them as they finish (see `picks`). Within
     the constraints the worker with the most unfilled quota goes first. Returns worker key -> its
     members in member order.
     """
@@ -66,6 +67,17 @@ def assign(members: Sequence[int], candidates: Sequence[Candidate], replicas: in
     k = effective_replicas(replicas, order)
     capacities = [c.capacity for c in order]
     quota = quotas(len(members) * k, capacities, cap=len(members))  # a worker holds a member once
+    taken = _levels(members, quota) if k == 1 else _greedy(members, quota, order, k)
+    result: dict[bytes, list[int]] = {}
+    for member in members:
+        for position in taken.get(member, ()):
+            result.setdefault(order[position].key, []).append(member)
+    return {key: tuple(sorted(assigned)) for key, assigned in result.items()}
+
+
+def _greedy(members: Sequence[int], quota: Sequence[int], order: Sequence[Candidate], k: int) -> dict[int, list[int]]:
+    """member -> positions holding it: replica round by replica round, member by member, the most
+    under-filled worker that neither holds the member nor shares an operator with its holders."""
     # Heap of (-remaining quota, preference position): the most under-filled worker first.
     heap = [(-q, position) for position, q in enumerate(quota) if q > 0]
     heapq.heapify(heap)
@@ -85,11 +97,23 @@ def assign(members: Sequence[int], candidates: Sequence[Candidate], replicas: in
             for item in skipped:
                 heapq.heappush(heap, item)
     _fill_short(members, taken, {position: -remaining for remaining, position in heap}, order, k)
-    result: dict[bytes, list[int]] = {}
-    for member in members:
-        for position in taken[member]:
-            result.setdefault(order[position].key, []).append(member)
-    return {key: tuple(sorted(assigned)) for key, assigned in result.items()}
+    return taken
+
+
+def _levels(members: Sequence[int], quota: Sequence[int]) -> dict[int, list[int]]:
+    """`_greedy` for one replica, where nothing is ever skipped, in time linear in the members: the
+    most under-filled worker first means level by level from the largest quota down, each level in
+    preference order (what the audit re-derives for every entry)."""
+    by_quota = sorted(range(len(quota)), key=lambda p: -quota[p])
+    active: list[int] = []  # positions whose quota reaches the level, in preference order
+    sequence: list[int] = []
+    joined = 0
+    for level in range(max(quota, default=0), 0, -1):
+        while joined < len(by_quota) and quota[by_quota[joined]] >= level:
+            bisect.insort(active, by_quota[joined])
+            joined += 1
+        sequence.extend(active)
+    return {member: [position] for member, position in zip(members, sequence)}
 
 
 def _fill_short(members: Sequence[int], taken: dict[int, list[int]], spare: dict[int, int], order: Sequence[Candidate], k: int) -> None:
@@ -142,14 +166,28 @@ def _augmenting_path(
     return None
 
 
-def reassign(
+@dataclass(frozen=True)
+class Pick:
+    """One extra holder chosen for a member, with every worker that could have taken it then."""
+
+    member: int
+    worker: bytes
+    eligible: frozenset[bytes]  # every worker that could have taken it then
+
+
+def first_ranked(draw: bytes, member: int, eligible: Collection[bytes]) -> bytes:
+    """The worker the draw prefers for an extra replica of `member` among `eligible` (not empty)."""
+    return min(eligible, key=lambda key: (member_rank(draw, member, key), key))
+
+
+def picks(
     needs: Mapping[int, int],
     holders: Mapping[int, frozenset[bytes]],
     candidates: Sequence[Candidate],
     load: Mapping[bytes, int],
     draw: bytes = b"",
     disputed: Collection[int] = frozenset(),
-) -> dict[bytes, tuple[int, ...]]:
+) -> tuple[Pick, ...]:
     """Extra holders for members that need them (unassigned, a straggler's, a lost worker's, a disputed one's).
 
     `needs` is member -> extra holders wanted; a new holder never holds the member already and never
@@ -161,18 +199,26 @@ def reassign(
     """
     by_key = {c.key: c for c in candidates}
     spare = {c.key: c.capacity - load.get(c.key, 0) for c in candidates}
-    added: dict[bytes, list[int]] = {}
+    out: list[Pick] = []
     for member in sorted(needs):
         for _ in range(needs[member]):
-            held = holders.get(member, frozenset()) | {key for key, got in added.items() if member in got}
+            held = holders.get(member, frozenset()) | {p.worker for p in out if p.member == member}
             operators = {by_key[key].operator for key in held if key in by_key}
-            eligible = [
+            eligible = frozenset(
                 key for key, room in spare.items()
                 if key not in held and by_key[key].operator not in operators and (room > 0 or member in disputed)
-            ]  # fmt: skip
+            )  # fmt: skip
             if not eligible:
                 break
-            chosen = min(eligible, key=lambda key: (member_rank(draw, member, key), key))
+            chosen = first_ranked(draw, member, eligible)
             spare[chosen] -= 1
-            added.setdefault(chosen, []).append(member)
+            out.append(Pick(member, chosen, eligible))
+    return tuple(out)
+
+
+def by_worker(chosen: Iterable[Pick]) -> dict[bytes, tuple[int, ...]]:
+    """The picks as worker key -> its extra members, in member order."""
+    added: dict[bytes, list[int]] = {}
+    for pick in chosen:
+        added.setdefault(pick.worker, []).append(pick.member)
     return {key: tuple(sorted(members)) for key, members in added.items()}

@@ -1,0 +1,80 @@
+"""The coordinator records every assignment after the opening with its reason, keeps the record in
+Redis with the open iteration, and a restart reads it back (PROTOCOL §6.6, §6.8)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from swarmtune import assignlog, assignment, identity
+from swarmtune.assignment import Candidate
+from swarmtune.coordinator import lifecycle
+from swarmtune.coordinator.broadcast import Broadcaster
+from swarmtune.coordinator.chain import recover
+from swarmtune.coordinator.resume import reopen, resume
+from swarmtune.coordinator.round import META_FIELD, PANEL_FIELD, Round
+from swarmtune.coordinator.scheduling import Scheduler
+from swarmtune.coordinator.sessions import Sessions
+from swarmtune.jobspec import parse_job_spec
+from swarmtune.store import LedgerStore, connect
+from tests.support.coordinator_harness import spec_text, write_genesis
+
+
+@pytest.fixture
+def store(redis_url: str) -> LedgerStore:
+    return connect(redis_url)
+
+
+def test_later_assignments_are_recorded_journaled_and_read_back(store: LedgerStore, job_id: str) -> None:
+    spec = parse_job_spec(spec_text(job_id))  # population 6, redundancy 1
+    key, workers = identity.generate_key(), [identity.generate_key() for _ in range(3)]
+    keys = [identity.public_key_bytes(w) for w in workers]
+    write_genesis(store, spec.spec_bytes, job_id, key, tuple(keys))
+    history = recover(store.read(job_id), identity.public_key_bytes(key), 0.0)
+    posted: dict[bytes, bytes] = {}
+    sessions, broadcast = Sessions(1e6, 1e6), Broadcaster(100)
+    scheduler = Scheduler(spec, history, sessions, broadcast, key, posted.update)
+    for worker in keys[:2]:  # two workers of two members each: two of the six members stay unassigned
+        sessions.open(worker, worker.hex(), 2, 0.0)
+        broadcast.add(worker)
+    opened = lifecycle.open_iteration(spec, 1, history.head.hash, 1000)
+    current = scheduler.open_round(opened)
+    assert current.panel.capacities == (2, 2) and current.panel.operators == () and current.given == []
+    sessions.open(keys[2], "late", 6, 0.0)
+    broadcast.add(keys[2])
+    scheduler.reconcile(current)  # the late joiner takes the two unassigned members
+    assert [(g.worker, g.reason, g.eligible) for g in current.given] == [(keys[2], assignlog.UNASSIGNED, frozenset({keys[2]}))] * 2
+    lost = current.pending(keys[0])
+    current.release(keys[0])
+    broadcast.remove(broadcast.add(keys[0]))  # its stream ended
+    scheduler.reconcile(current)
+    assert [(g.member, g.reason) for g in current.given[2:]] == [(m, assignlog.LOST) for m in lost]
+    assert PANEL_FIELD in posted and len([name for name in posted if name.startswith(b"a")]) == 2
+
+    # A restart with nobody connected reads back the opening and the later assignments.
+    fields = {META_FIELD: lifecycle.encode_open_meta(opened), **posted}
+    resumed = resume(spec, fields, history, (0.0, 1.0), 2000)
+    assert resumed is not None
+    restarted = Scheduler(spec, history, Sessions(1e6, 1e6), Broadcaster(100), key, posted.update)
+    reopen(restarted, resumed, fields, history)
+    assert resumed.panel == current.panel and resumed.given == current.given
+    assert resumed.assigned == current.assigned
+    assert resumed.unjournaled() == {}  # nothing new to write back
+
+    # A tampered record is dropped, not trusted.
+    forged = next(name for name in posted if name.startswith(b"a"))
+    again = resume(spec, {**fields, forged: b"\xff"}, history, (0.0, 1.0), 2000)
+    assert isinstance(again, Round)
+    reopen(restarted, again, {**fields, forged: b"\xff"}, history)
+    assert len(again.given) < len(current.given)
+
+
+def test_one_replica_takes_the_linear_path_of_the_same_greedy_order() -> None:
+    rng = random.Random(5)
+    for _ in range(200):
+        quota = [rng.choice((0, 1, 2, 3, 7)) for _ in range(rng.randint(1, 9))]
+        members = rng.sample(range(40), min(40, sum(quota) + rng.randint(0, 3)))
+        order = [Candidate(bytes([p]) * 32, str(p), q) for p, q in enumerate(quota)]
+        greedy = {member: held for member, held in assignment._greedy(members, quota, order, 1).items() if held}
+        assert assignment._levels(members, quota) == greedy, quota
