@@ -153,7 +153,10 @@ def test_sigkill_and_restart_resume_the_open_iteration(store: LedgerStore, redis
     workers_keys = [identity.generate_key() for _ in range(2)]
     public = tuple(identity.public_key_bytes(k) for k in workers_keys)
     write_genesis(store, job_file.read_bytes(), job_id, key, public)
-    coordinator = CoordinatorProcess(job_file, redis_url, key_file, public)
+    # Both workers subscribed before the iteration opens, so each holds its 3 members from the opening:
+    # with one worker at the opening, the other's share depends on when its subscription lands (the
+    # first worker's submission frees capacity that takes unheld members), and it may get one member.
+    coordinator = CoordinatorProcess(job_file, redis_url, key_file, public, "--min-workers", "2")
 
     async def first_life(stub: CoordinatorStub) -> list[bytes]:
         workers = [SimWorker(stub, job_id, key=k, capacity=3, auto=False) for k in workers_keys]
@@ -184,7 +187,12 @@ def test_sigkill_and_restart_resume_the_open_iteration(store: LedgerStore, redis
             # resend everything held before the kill, plus what is still owed
             mine = [a for a in acknowledged if batches.decode_batch(a).worker_key == w.public]
             replies.append(await w.submit(mine + [w.result(opened, m) for m in opened.assigned]))
-        assert all(reason in (pb.ACCEPTED, pb.DUPLICATE) for r in replies for reason in reasons(r))
+        # A member the first worker left unanswered when its stream ended was handed to the other (a LOST
+        # assignment, journaled); the restart restores both holders (which holder left is not journaled),
+        # so both may answer it: the later answer is SETTLED, or ITERATION_CLOSED if the earlier one closed it.
+        unneeded = (pb.SETTLED, pb.ITERATION_CLOSED)
+        assert all(reason in (pb.ACCEPTED, pb.DUPLICATE, *unneeded) for r in replies for reason in reasons(r))
+        assert sum(reason in unneeded for r in replies for reason in reasons(r)) <= 1
         assert sum(reason == pb.DUPLICATE for r in replies for reason in reasons(r)) == len(acknowledged)
         await asyncio.gather(*(w.closed.wait() for w in workers))
 
