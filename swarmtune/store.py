@@ -396,7 +396,10 @@ class LedgerStore:
         key = OPEN_KEY.format(job=job)
         with _translated(self._url):
             if self._lease_token is None:
-                self._client.delete(key) if fields is None else self._client.hset(key, mapping=dict(fields))
+                if fields is None:
+                    self._client.delete(key)
+                else:
+                    self._client.hset(key, mapping=dict(fields))
                 return
             change = ["del"] if fields is None else ["set", *(item for pair in fields.items() for item in pair)]
             written = self._open_write(keys=[key, LEASE_KEY.format(job=job)], args=[self._lease_token, *change])
