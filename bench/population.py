@@ -62,8 +62,9 @@ def worker_apply(stored: list[bytes], coordinator_key: Any, population: int) -> 
     against its chain, apply the update exactly (median of APPLY_REPEATS); and, for comparison, the
     verification of the full entry (every batch signature) that an auditor or catching-up worker does."""
     last = max(i for i, data in enumerate(stored) if entries.read_header(data).kind == "iteration")
-    before = list(ledger.walk(stored[:last]))[-1][0]
-    announcement = pb.Announcement(compact=pb.Compact(index=last, digest=seal_digest(coordinator_key, digest_of(entries.parse_entry(stored[last]))))).SerializeToString()
+    walked = list(ledger.walk(stored[: last + 1]))  # the last entry with its coefficients, as the coordinator has it
+    before = walked[-2][0]
+    announcement = pb.Announcement(compact=pb.Compact(index=last, digest=seal_digest(coordinator_key, digest_of(walked[-1][1])))).SerializeToString()
     replica = demo_replica(population)
     receive, apply, full = [], [], []
     for _ in range(APPLY_REPEATS):

@@ -389,7 +389,8 @@ def in_process(model_dir: Path) -> dict[str, Any]:
         decoding.append(timed(decode))
         batched.append(timed(evaluate))
     say(f"evaluation of {len(rows.input_ids)} rows: decoding {decoding}, low-rank {batched} (wall, cpu s)")
-    dense = MasterState(tuple(dataclasses.replace(s, treatment="dense") for s in lowrank.specs), lowrank.q)
+    # Every tensor dense: the frozen ones read back from their spill into memory, the others shared.
+    dense = MasterState(tuple(dataclasses.replace(s, treatment="dense") for s in lowrank.specs), tuple(lowrank.whole(i) for i in range(len(lowrank.specs))))
     # The dense job's population. Fixed distinct rewards: twins of a random model often tie, and a
     # zero coefficient would let the exact update skip its work.
     pair = members[: POPULATION["dense"]]
@@ -401,6 +402,7 @@ def in_process(model_dir: Path) -> dict[str, Any]:
     say(f"dense update of {len(set(m.seed for m in pair))} seed(s): exact {exact}, reference {reference} (wall, cpu s)")
     return {
         "parameters": sum(param.numel() for _, param in canonical_parameters(model)),
+        "frozen_parameters": sum(spec.numel for spec in lowrank.specs if spec.treatment == "frozen"),  # spilled, not resident
         "lowrank_vs_decoding": best_ratio(decoding, batched, 0),
         "lowrank_vs_decoding_cpu": best_ratio(decoding, batched, 1),
         "lowrank_vs_decoding_rounds": spread(decoding, batched),

@@ -51,12 +51,15 @@ def bits(data: bytes) -> list[int]:
     return [8 * n + b for n, byte in enumerate(data) if byte for b in range(8) if byte >> b & 1]
 
 
-def encode(given: Sequence[Given], candidates: Sequence[bytes]) -> tuple[tuple[bytes, ...], tuple[Assignment, ...]]:
-    """(others, assignments): workers outside `candidates` get indices after them, in first appearance."""
+def encode(given: Sequence[Given], candidates: Sequence[bytes], named: Sequence[bytes] = ()) -> tuple[tuple[bytes, ...], tuple[Assignment, ...]]:
+    """(others, assignments): workers outside `candidates` get indices after them, in first appearance
+    in the assignments, then in `named` (the entry's batch workers: a batch names its worker by index)."""
     index = {key: i for i, key in enumerate(candidates)}
     for record in given:
         for key in (*sorted(record.eligible), record.worker):
             index.setdefault(key, len(index))
+    for key in named:
+        index.setdefault(key, len(index))
     others = tuple(list(index)[len(candidates) :])
     size = len(index)
     return others, tuple(Assignment(g.member, index[g.worker], g.reason, bitmap([index[k] for k in g.eligible], size)) for g in given)
@@ -131,7 +134,10 @@ def assignment_problem(body: Iteration, redundancy: int, spot: Collection[int], 
     later = {(g.member, g.worker) for g in given}
     for recorded in body.batches:  # most counted replicas are the opening's: checked a batch at a time
         key = recorded.batch.worker_key
-        stray = [m for m in set(recorded.counted()[0]).difference(opening.get(key, ())) if (m, key) not in later]
+        counted, held = recorded.counted()[0], opening.get(key, ())
+        if counted == held:  # the common case: a worker answered its opening block in one batch
+            continue
+        stray = [m for m in set(counted).difference(held) if (m, key) not in later]
         if stray:
             return f"member {min(stray)}: the counted replica of worker {key.hex()[:16]} was never assigned to it"
     return None

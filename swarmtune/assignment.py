@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import bisect
 import heapq
 from collections import deque
 from dataclasses import dataclass
+from itertools import accumulate, chain
 from typing import Collection, Iterable, Mapping, Sequence
 
 from swarmtune.draw import keyed_order, member_rank
@@ -57,9 +57,11 @@ def assign(members: Sequence[int], candidates: Sequence[Candidate], replicas: in
     """Initial assignment of an iteration: member -> up to `replicas` workers of distinct operators.
 
     Each worker's share of the slots follows its capacity and never exceeds it; slots beyond the
-    total capacity stay unassigned, and workers pull them as they finish (see `picks`). Within
-    the constraints the worker with the most unfilled quota goes first. Returns worker key -> its
-    members in member order.
+    total capacity stay unassigned, and workers pull them as they finish (see `picks`). The slots,
+    replica round by replica round and member by member, are dealt in the draw's order as one
+    contiguous block per worker (its members are consecutive: one byte a member in its batches);
+    where two workers of one operator would then share a member, the greedy deal (`_greedy`) instead.
+    `members` are increasing. Returns worker key -> its members in member order.
     """
     order = drawn(candidates, draw)
     if not order or not members:
@@ -67,12 +69,47 @@ def assign(members: Sequence[int], candidates: Sequence[Candidate], replicas: in
     k = effective_replicas(replicas, order)
     capacities = [c.capacity for c in order]
     quota = quotas(len(members) * k, capacities, cap=len(members))  # a worker holds a member once
-    taken = _levels(members, quota) if k == 1 else _greedy(members, quota, order, k)
+    spans = _spans(len(members), quota)
+    if k == 1 or not _operators_clash(spans, order, len(members)):
+        return {order[p].key: _held(members, first, count) for p, (first, count) in enumerate(spans) if count}
+    taken = _greedy(members, quota, order, k)
     result: dict[bytes, list[int]] = {}
     for member in members:
         for position in taken.get(member, ()):
             result.setdefault(order[position].key, []).append(member)
     return {key: tuple(sorted(assigned)) for key, assigned in result.items()}
+
+
+def _spans(n: int, quota: Sequence[int]) -> list[tuple[int, int]]:
+    """Per position, (index of its first member, count) when the slots (slot s: a replica of member
+    index s mod n) are dealt as consecutive blocks in preference order."""
+    starts = accumulate(quota, initial=0)
+    return [(start % n, count) for start, count in zip(starts, quota)]
+
+
+def _intervals(first: int, count: int, n: int) -> list[tuple[int, int]]:
+    """The member indices [a, b) a block covers: one interval, or two where it wraps to the first
+    members (a block of at most n slots holds each member once)."""
+    end = first + count
+    return [(first, end)] if end <= n else [(first, n), (0, end - n)]
+
+
+def _held(members: Sequence[int], first: int, count: int) -> tuple[int, ...]:
+    """A block's members, in member order."""
+    return tuple(chain.from_iterable(members[a:b] for a, b in sorted(_intervals(first, count, len(members)))))
+
+
+def _operators_clash(spans: Sequence[tuple[int, int]], order: Sequence[Candidate], n: int) -> bool:
+    """Whether two workers of one operator would hold a common member (only replicas can: k > 1)."""
+    by_operator: dict[str, list[tuple[int, int]]] = {}
+    for position, (first, count) in enumerate(spans):
+        if count:
+            by_operator.setdefault(order[position].operator, []).extend(_intervals(first, count, n))
+    for intervals in by_operator.values():
+        intervals.sort()
+        if any(later[0] < earlier[1] for earlier, later in zip(intervals, intervals[1:])):
+            return True
+    return False
 
 
 def _greedy(members: Sequence[int], quota: Sequence[int], order: Sequence[Candidate], k: int) -> dict[int, list[int]]:
@@ -98,22 +135,6 @@ def _greedy(members: Sequence[int], quota: Sequence[int], order: Sequence[Candid
                 heapq.heappush(heap, item)
     _fill_short(members, taken, {position: -remaining for remaining, position in heap}, order, k)
     return taken
-
-
-def _levels(members: Sequence[int], quota: Sequence[int]) -> dict[int, list[int]]:
-    """`_greedy` for one replica, where nothing is ever skipped, in time linear in the members: the
-    most under-filled worker first means level by level from the largest quota down, each level in
-    preference order (what the audit re-derives for every entry)."""
-    by_quota = sorted(range(len(quota)), key=lambda p: -quota[p])
-    active: list[int] = []  # positions whose quota reaches the level, in preference order
-    sequence: list[int] = []
-    joined = 0
-    for level in range(max(quota, default=0), 0, -1):
-        while joined < len(by_quota) and quota[by_quota[joined]] >= level:
-            bisect.insort(active, by_quota[joined])
-            joined += 1
-        sequence.extend(active)
-    return {member: [position] for member, position in zip(members, sequence)}
 
 
 def _fill_short(members: Sequence[int], taken: dict[int, list[int]], spare: dict[int, int], order: Sequence[Candidate], k: int) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from functools import cached_property
-from itertools import accumulate
+from itertools import accumulate, repeat
 from typing import Iterable, Mapping, Sequence
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -78,7 +78,12 @@ _CONTINUED = bytes(range(0x80, 0x100))  # LEB128 bytes with more to come
 
 def _leb128(data: bytes) -> int:
     """The value of one whole LEB128 value."""
-    return sum((byte & 0x7F) << (7 * i) for i, byte in enumerate(data))
+    if len(data) == 1:  # most gaps
+        return data[0]
+    value = 0
+    for i, byte in enumerate(data):
+        value |= (byte & 0x7F) << (7 * i)
+    return value
 
 
 def _unpack_long(data: bytes) -> tuple[int, ...]:
@@ -214,10 +219,12 @@ class Recorded:
         return tuple(m for m, _ in kept), tuple(r for _, r in kept)
 
 
-def recorded_to_pb(recorded: Recorded) -> pb.RecordedBatch:
+def recorded_to_pb(recorded: Recorded, worker_delta: int) -> pb.RecordedBatch:
+    """The batch as its entry records it; `worker_delta`: its key's index among the entry's workers
+    less one more than the previous batch's (PROTOCOL §5.2)."""
     batch = recorded.batch
     return pb.RecordedBatch(
-        worker_key=batch.worker_key,
+        worker_delta=worker_delta,
         members=batch.packed_members,
         rewards=batch.packed_rewards,
         signature=batch.signature,
@@ -225,9 +232,10 @@ def recorded_to_pb(recorded: Recorded) -> pb.RecordedBatch:
     )
 
 
-def recorded_from_pb(message: pb.RecordedBatch, job_id: str, iteration: int, head_hash: bytes) -> Recorded:
-    """The view of a recorded batch (its job, iteration and head are its entry's); raises BatchError."""
-    batch = parts(job_id, iteration, head_hash, message.worker_key, message.members, message.rewards, message.signature)
+def recorded_from_pb(message: pb.RecordedBatch, job_id: str, iteration: int, head_hash: bytes, worker_key: bytes) -> Recorded:
+    """The view of a recorded batch (its job, iteration and head are its entry's, its key the one its
+    worker index names); raises BatchError."""
+    batch = parts(job_id, iteration, head_hash, worker_key, message.members, message.rewards, message.signature)
     return Recorded(batch, unpack_members(message.excluded))
 
 
@@ -256,9 +264,7 @@ def differing(several: Mapping[int, Sequence[float]]) -> list[int]:
 
 def settled_rewards(population: int, first: Mapping[int, float], several: Mapping[int, Sequence[float]], disputed: Sequence[float]) -> tuple[float, ...]:
     """Each member's reward: its counted replicas' common reward, else the next of `disputed` (0: none)."""
-    out = [0.0] * population
-    for member, reward in first.items():
-        out[member] = reward
+    out = list(map(first.get, range(population), repeat(0.0)))
     for member, reward in zip(differing(several), disputed):
         out[member] = reward
     return tuple(out)

@@ -76,6 +76,8 @@ def _digest_problem(state: ledger.ChainState, digest: Digest) -> str | None:
         return f"iteration {digest.iteration}, expected {state.last_iteration + 1}"
     if digest.opened_head not in state.open_heads:
         return "opened_head is not the hash of an entry since the previous iteration"
+    if len(digest.coefficients) != digest.plan.population:
+        return f"{digest.plan.population} members but {len(digest.coefficients)} coefficients"
     return ledger.population_problem(digest.as_iteration())
 
 

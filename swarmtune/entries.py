@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from functools import cached_property
 from operator import attrgetter
 from typing import Any, Callable, Generic, TypeVar, Union
@@ -228,6 +228,8 @@ class Iteration:
     opened_head: bytes
     plan: NoisePlan
     batches: tuple[Recorded, ...]
+    # §3's coefficients, one per member. Not recorded: an entry parsed on its own has none; the
+    # verified walk (ledger.walk) derives them from the rewards, the coordinator from what it settled.
     coefficients: tuple[int, ...]
     disputed: tuple[float, ...]  # settled rewards of the members whose counted rewards differ, in member order
     shaping: str
@@ -237,7 +239,7 @@ class Iteration:
     candidates: tuple[bytes, ...] = ()  # worker keys that could take members at opening, in the draw's order
     capacities: tuple[int, ...] = ()  # what each candidate asked for at opening
     operators: tuple[int, ...] = ()  # per candidate, the first candidate of its operator (empty: all distinct)
-    others: tuple[bytes, ...] = ()  # workers of later assignments that are not candidates
+    others: tuple[bytes, ...] = ()  # workers of later assignments, then of batches, that are not candidates
     assignments: tuple[Assignment, ...] = ()  # later assignments, in the order given
 
     @cached_property
@@ -269,12 +271,22 @@ class Iteration:
         first, several = self.counted
         return batches.settled_rewards(self.plan.population, first, several, self.disputed)
 
+    def with_coefficients(self, coefficients: tuple[int, ...]) -> Iteration:
+        """This body with `coefficients`. The views derived from its batches and plan do not depend on
+        them: those already computed carry over instead of being computed again by later readers."""
+        derived = replace(self, coefficients=coefficients)
+        views = {name: value for name, value in vars(self).items() if name not in _ITERATION_FIELDS}
+        vars(derived).update(views)
+        return derived
+
     @property
     def rewarded(self) -> tuple[float, ...]:
         """The rewards of the members with a counted replica, in member order (what shaping saw)."""
         rewards = self.rewards
         return tuple(rewards[m] for m in sorted(self.counted[0]))
 
+
+_ITERATION_FIELDS = frozenset(f.name for f in fields(Iteration))
 
 ROLE_REFEREE = "referee"  # an operator-trusted key whose reward settles a member
 
@@ -362,12 +374,14 @@ def _body_to_pb(body: Body) -> Any:
         values = {f.name: getattr(body, f.name) for f in fields(body)}
         return pb.Genesis(**{**values, "tensor_plan": plan})
     if isinstance(body, Iteration):
+        others = recorded_others(body)
+        index = {key: i for i, key in enumerate((*body.candidates, *others))}
+        workers = [-1, *(index[r.batch.worker_key] for r in body.batches)]
         return pb.Iteration(
             iteration=body.iteration,
             opened_head=body.opened_head,
             plan=plan_to_pb(body.plan),
-            batches=[batches.recorded_to_pb(r) for r in body.batches],
-            coefficients=body.coefficients,
+            batches=[batches.recorded_to_pb(r, now - before - 1) for r, before, now in zip(body.batches, workers, workers[1:])],
             disputed=body.disputed,
             shaping=body.shaping,
             retention=[_signed_to_pb(r) for r in body.retention],
@@ -376,7 +390,7 @@ def _body_to_pb(body: Body) -> Any:
             candidates=body.candidates,
             capacities=body.capacities,
             operators=body.operators,
-            others=body.others,
+            others=others,
             assignments=[assignment_to_pb(a) for a in body.assignments],
         )
     if isinstance(body, (Admission, Revocation)):
@@ -404,6 +418,17 @@ def _signed_list(record_type: type[Record], messages: Any, what: str, kind: str)
     return tuple(out)
 
 
+def recorded_others(body: Iteration) -> tuple[bytes, ...]:
+    """The `others` an entry records: the body's, then each batch worker that is neither a candidate
+    nor among them, in batch order (a batch names its worker by index). Raises ValueError when that
+    would add workers to an entry with later assignments: their eligible bitmaps span the list."""
+    named = {*body.candidates, *body.others}
+    missing = dict.fromkeys(r.batch.worker_key for r in body.batches if r.batch.worker_key not in named)
+    if missing and body.assignments:
+        raise ValueError("batch workers missing from others of an entry with later assignments: name them in assignlog.encode")
+    return (*body.others, *missing)
+
+
 def assignment_to_pb(assignment: Assignment) -> pb.Assignment:
     return pb.Assignment(member=assignment.member, worker=assignment.worker, reason=assignment.reason, eligible=assignment.eligible)
 
@@ -422,9 +447,14 @@ def plan_from_pb(message: pb.NoisePlan) -> NoisePlan:
 
 def _recorded_list(message: Any, job_id: str) -> tuple[Recorded, ...]:
     out: list[Recorded] = []
+    workers = (*message.candidates, *message.others)
+    index = -1
     try:
         for recorded in message.batches:
-            out.append(batches.recorded_from_pb(recorded, job_id, message.iteration, message.opened_head))
+            index += 1 + recorded.worker_delta
+            if not 0 <= index < len(workers):
+                raise BatchError(f"its worker index {index} is not among the entry's {len(workers)} workers")
+            out.append(batches.recorded_from_pb(recorded, job_id, message.iteration, message.opened_head, workers[index]))
     except BatchError as exc:
         raise EntryError(f"batch {len(out)}: {exc}", "iteration") from None
     return tuple(out)
@@ -441,7 +471,7 @@ def _body_from_pb(kind: str, message: Any, job_id: str) -> Body:
             opened_head=message.opened_head,
             plan=plan_from_pb(message.plan),
             batches=_recorded_list(message, job_id),
-            coefficients=tuple(message.coefficients),
+            coefficients=(),
             disputed=tuple(message.disputed),
             shaping=message.shaping,
             retention=_signed_list(RetentionReport, message.retention, "retention report", kind),

@@ -12,7 +12,7 @@ from typing import Any, Callable, Collection, Iterable, Iterator, Mapping, cast
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from swarmtune import assignlog, batches, draw, entries, identity
+from swarmtune import assignlog, batches, coefficients, draw, entries, identity, shaping
 from swarmtune.batches import Recorded
 from swarmtune.entries import (
     Admission,
@@ -60,6 +60,7 @@ class ChainState:
     # open iteration may have been opened at (admissions can land while an iteration is open).
     open_heads: frozenset[bytes]
     referees: frozenset[bytes] = frozenset()  # admitted with the referee role
+    rule: shaping.Rule | None = None  # the genesis job spec's shaping (None: it does not parse)
 
 
 def _worker_problem(state: ChainState, worker_key: bytes) -> str | None:
@@ -105,12 +106,11 @@ def batch_problem(state: ChainState, recorded: Recorded, population: int, vouche
         return problem
     if batch.members and batch.members[-1] >= population:
         return f"member {batch.members[-1]} is not in the iteration (population {population})"
-    if not set(recorded.excluded) <= set(batch.members):
+    if recorded.excluded and not set(recorded.excluded) <= set(batch.members):
         return "excludes members the batch does not hold"
     _, rewards = recorded.counted()
-    bad = next((r for r in rewards if not math.isfinite(r)), None)
-    if bad is not None:
-        return f"counts reward {bad}, which is not finite"
+    if not all(map(math.isfinite, rewards)):
+        return f"counts reward {next(r for r in rewards if not math.isfinite(r))}, which is not finite"
     if batch.signed not in vouched and not batches.verify_batch(batch, state.admitted[batch.worker_key]):
         return "worker signature invalid"
     return None
@@ -132,24 +132,18 @@ def _batches_problem(state: ChainState, iteration: Iteration, vouched: Vouched) 
 
 
 def population_problem(iteration: Iteration) -> str | None:
-    """Why an iteration's plan and coefficients do not describe a population (None if they do)."""
+    """Why an iteration's plan does not describe a population (None if it does)."""
     n = iteration.plan.population
     if n < 1:
         return "population must be at least 1"
     if iteration.plan.antithetic and n % 2:
         return f"antithetic sampling needs an even population, got {n}"
-    if len(iteration.coefficients) != n:
-        return f"{n} members but {len(iteration.coefficients)} coefficients"
     return None
 
 
 def _reward_problem(iteration: Iteration) -> str | None:
-    """Members without a counted replica get coefficient 0; a member whose replicas differ settles on
-    one of their rewards, recorded in order in `disputed`."""
-    first, several = iteration.counted
-    stray = next((m for m, c in enumerate(iteration.coefficients) if c != 0 and m not in first), None)
-    if stray is not None:
-        return f"member {stray} has no result but coefficient {iteration.coefficients[stray]}"
+    """A member whose replicas differ settles on one of their rewards, recorded in order in `disputed`."""
+    _, several = iteration.counted
     disputed = batches.differing(several)
     if len(disputed) != len(iteration.disputed):
         return f"{len(disputed)} members' replicas differ but {len(iteration.disputed)} disputed rewards are recorded"
@@ -165,7 +159,12 @@ def _iteration_problem(state: ChainState, iteration: Iteration, vouched: Vouched
         return f"iteration {iteration.iteration}, expected {expected}"
     if iteration.opened_head not in state.open_heads:
         return "opened_head is not the hash of an entry since the previous iteration"
-    problem = population_problem(iteration) or _draw_problem(state, iteration) or _batches_problem(state, iteration, vouched)
+    problem = (
+        population_problem(iteration)
+        or _draw_problem(state, iteration)
+        or _batches_problem(state, iteration, vouched)
+        or _named_problem(state, iteration)
+    )
     if problem:
         return problem
     problem = _records_problem(
@@ -245,18 +244,24 @@ def _genesis_entry_problem(entry: StoredEntry, expected_key: bytes | None) -> st
 
 def _draw_problem(state: ChainState, iteration: Iteration) -> str | None:
     """The draw is the coordinator's signature over (job, iteration, opened head), the candidates are
-    distinct admitted keys in the order it implies, and the later assignments are well-formed (an
-    entry without a draw records no assignment)."""
-    if not iteration.draw:
-        return "candidates recorded without a draw" if iteration.candidates or iteration.assignments else None
+    distinct admitted keys in the order it implies, the others distinct admitted keys besides them,
+    and the later assignments are well-formed (an entry without a draw records no candidate and no
+    assignment; its others name its batches' workers)."""
+    if not iteration.draw and (iteration.candidates or iteration.assignments):
+        return "candidates recorded without a draw"
     problem = assignlog.form_problem(iteration)
     if problem:
         return problem
-    if not draw.verify_draw(state.coordinator_key, state.job_id, iteration.iteration, iteration.opened_head, iteration.draw):
+    if iteration.draw and not draw.verify_draw(state.coordinator_key, state.job_id, iteration.iteration, iteration.opened_head, iteration.draw):
         return "draw is not the coordinator's signature over (job, iteration, opened_head)"
-    if list(iteration.candidates) != draw.keyed_order(iteration.draw, iteration.candidates):
+    if iteration.draw and list(iteration.candidates) != draw.keyed_order(iteration.draw, iteration.candidates):
         return "candidates are not distinct keys in the order the draw implies"
-    # A candidate may have been revoked by this very close, between opening and the entry.
+    return None
+
+
+def _named_problem(state: ChainState, iteration: Iteration) -> str | None:
+    """Every worker the entry names (candidates, others) was admitted; a candidate may have been
+    revoked by this very close, between opening and the entry."""
     stranger = next((key for key in (*iteration.candidates, *iteration.others) if key not in state.admitted and key not in state.revoked), None)
     return None if stranger is None else f"worker {identity.fingerprint(stranger)} of the assignment was never admitted"
 
@@ -288,6 +293,7 @@ def _started(entry: StoredEntry, coordinator_key: bytes | None) -> ChainState:
         revoked=frozenset(),
         last_iteration=0,
         open_heads=frozenset([entry.hash]),
+        rule=coefficients.rule_of(body),
     )
 
 
@@ -350,7 +356,7 @@ def walk(
     pool: ThreadPoolExecutor | None = None,
 ) -> Iterator[tuple[ChainState, StoredEntry]]:
     """THE verified walk over a ledger: each entry parsed once, checked against the chain so far, then
-    yielded with the chain state after it. From genesis (`state` None, optionally pinning the
+    yielded with the chain state after it (an iteration entry with its coefficients derived). From genesis (`state` None, optionally pinning the
     coordinator key) or from a state already reached; raises LedgerError at the first bad entry.
     Result batches' signatures are checked ahead on `pool` (kept by the caller across walks) or else on
     `threads` threads (None: one per CPU); those in `vouched` are taken as made (a worker's own)."""
@@ -362,7 +368,7 @@ def walk(
             state = _started(parsed, coordinator_key)
         else:
             state = _advanced(state, parsed, {*vouched, *checked} if vouched else checked)
-        yield state, parsed
+        yield state, coefficients.with_coefficients(parsed, state.rule)
 
 
 def start(stored: bytes, coordinator_key: bytes | None = None) -> tuple[ChainState, StoredEntry]:

@@ -56,15 +56,21 @@ def scratch_bytes(specs: Sequence[TensorSpec]) -> int:
     return SCRATCH_BYTES_PER_ELEMENT * largest_chunk(specs)
 
 
+def resident_count(specs: Sequence[TensorSpec]) -> int:
+    """Parameters whose Q is resident: all but frozen tensors' (state.assemble spills those to disk)."""
+    return sum(spec.numel for spec in specs if spec.treatment != "frozen")
+
+
 def worker_memory(specs: Sequence[TensorSpec], param_bytes: int, device: str, noise_cache_bytes: int) -> MemoryBudget:
     """A worker: the model's params (param_bytes each: 2 for bf16) where it evaluates, the int32 master
-    on the host, one chunk's scratch and the noise cache where the update computes, the fixed
-    process cost. Anchored decay adds nothing resident (its base is a spill file, basefile.py).
+    of every tensor that is not frozen on the host (a frozen tensor's Q is a spill file, read back a
+    chunk at a time), one chunk's scratch and the noise cache where the update computes, the fixed
+    process cost. Anchored decay adds nothing resident (its base is a spill file too, spillfile.py).
     Evaluation activations (KV cache, logits) come on top, on the evaluating device."""
     count = parameter_count(specs)
     model = param_bytes * count
     working = scratch_bytes(specs) + noise_cache_bytes + WORKING_BYTES
-    master = Q_BYTES * count
+    master = Q_BYTES * resident_count(specs)
     if device == "cpu":
         return MemoryBudget(count, PROCESS_BYTES + model + master + working, 0)
     return MemoryBudget(count, PROCESS_BYTES + master, model + working)

@@ -9,11 +9,11 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from swarmtune.basefile import BaseFile
 from swarmtune.entries import Genesis, Iteration, StoredEntry, TensorSpec
 from swarmtune.jobspec import JobSpec, parse_job_spec
 from swarmtune.noise import NoiseConfig
 from swarmtune.noisecache import NoiseCache
+from swarmtune.spillfile import SpillFile
 from swarmtune.state import MasterState, master_from_model, state_hash
 from swarmtune.update import IterationUpdate, apply_iteration_, decay_integer
 
@@ -89,17 +89,34 @@ def checked_base(state: MasterState, genesis: Genesis) -> MasterState:
 
 
 def iteration_update(iteration: Iteration) -> IterationUpdate:
-    """The members and integer coefficients an iteration entry records: all replay reads of it."""
+    """The members and integer coefficients of an iteration: all replay reads of it. An entry records
+    no coefficients (PROTOCOL §3): the verified walk (ledger.walk) derives them from its rewards."""
+    if len(iteration.coefficients) != iteration.plan.population:
+        raise ReplayError(
+            f"iteration {iteration.iteration} has {len(iteration.coefficients)} coefficients for {iteration.plan.population} members: "
+            "read its entry through ledger.walk, which derives them from the rewards and the genesis job spec"
+        )
     return IterationUpdate(iteration.members, iteration.coefficients)
 
 
+def spilled_base(state: MasterState) -> SpillFile:
+    """The genesis Q anchored decay reads, in a spill file: every resident tensor's (a spilled one is
+    frozen, so no update reads its base)."""
+    spill = SpillFile()
+    for index in range(len(state.specs)):
+        if not state.spilled(index):
+            spill.write(index, (run for _, run in state.runs(index)))
+    return spill
+
+
 class Replica:
-    """One site's copy of a job's model: the current state (host memory, updated in place), the last
-    iteration applied, and the base state only where anchored decay needs it (spilled to disk)."""
+    """One site's copy of a job's model: the current state (host memory, updated in place; frozen
+    tensors spilled to disk), the last iteration applied, and the base state only where anchored decay
+    needs it (spilled to disk too)."""
 
     def __init__(self, params: ReplayParams, base: MasterState, device: torch.device | str = "cpu") -> None:
         self.params = params
-        self.base = BaseFile(base) if params.decay else None
+        self.base = spilled_base(base) if params.decay else None
         self.state = base  # taken over: apply updates it in place
         self.device = torch.device(device)  # where the update computes its chunks
         self.iteration = 0
@@ -113,8 +130,8 @@ class Replica:
         self.iteration = iteration.iteration
 
     def restore(self, iteration: int) -> None:
-        """Declare that `state.q` now holds the state after `iteration` (a snapshot loader wrote the
-        tensors in place); the next apply must be iteration + 1."""
+        """Declare that `state` now holds the state after `iteration` (a snapshot loader wrote its resident
+        tensors in place; frozen ones never change); the next apply must be iteration + 1."""
         if iteration < 0:
             raise ReplayError(f"cannot restore to iteration {iteration}; iterations count from 0")
         self.iteration = iteration

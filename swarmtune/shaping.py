@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+import operator
+from dataclasses import dataclass
+from typing import Mapping, Sequence
 
 SHAPING_VERSION = "swarmtune-shaping/1"
 SHAPING_METHODS = ("zscore", "centered_rank")
@@ -20,9 +22,10 @@ def zscore(rewards: Sequence[float]) -> list[float]:
     if n < 2:
         return [0.0] * n
     mean = math.fsum(rewards) / n
-    variance = math.fsum((r - mean) * (r - mean) for r in rewards) / (n - 1)
-    std = math.sqrt(variance)
-    return [(r - mean) / (std + ZSCORE_EPSILON) for r in rewards]
+    deviations = [r - mean for r in rewards]
+    variance = math.fsum(map(operator.mul, deviations, deviations)) / (n - 1)
+    spread = math.sqrt(variance) + ZSCORE_EPSILON
+    return [d / spread for d in deviations]
 
 
 def centered_ranks(rewards: Sequence[float]) -> list[float]:
@@ -44,9 +47,9 @@ def centered_ranks(rewards: Sequence[float]) -> list[float]:
 
 
 def shape(rewards: Sequence[float], method: str) -> list[float]:
-    for reward in rewards:
-        if not math.isfinite(reward):
-            raise ValueError(f"reward {reward!r} is not finite; it must be rejected before shaping")
+    if not all(map(math.isfinite, rewards)):
+        bad = next(r for r in rewards if not math.isfinite(r))
+        raise ValueError(f"reward {bad!r} is not finite; it must be rejected before shaping")
     if method == "zscore":
         return zscore(rewards)
     if method == "centered_rank":
@@ -57,13 +60,16 @@ def shape(rewards: Sequence[float], method: str) -> list[float]:
 def quantize(shaped: Sequence[float], alpha: float) -> list[int]:
     """c_i = round_half_even(((alpha · s_i) / n) · 2^COEFFICIENT_BITS), n = len(shaped)."""
     n = len(shaped)
-    return [round(((alpha * s) / n) * float(1 << COEFFICIENT_BITS)) for s in shaped]
+    unit = float(1 << COEFFICIENT_BITS)
+    return [round(((alpha * s) / n) * unit) for s in shaped]
 
 
 def shape_groups(rewards: Sequence[float], groups: Sequence[int], method: str) -> list[float]:
     """`shape` applied to each group's rewards separately (groups[k]: reward k's group), in input order."""
     if len(groups) != len(rewards):
         raise ValueError(f"{len(groups)} group labels for {len(rewards)} rewards; give one label per reward")
+    if len(set(groups)) < 2:  # one group (the default): the rewards as they are, no bookkeeping per reward
+        return shape(rewards, method)
     positions: dict[int, list[int]] = {}
     for k, group in enumerate(groups):
         positions.setdefault(group, []).append(k)
@@ -83,6 +89,29 @@ def coefficients(
     n stays the count of all rewards, so the step size does not depend on how members are grouped.
     """
     return quantize(shape_groups(rewards, [0] * len(rewards) if groups is None else groups, method), alpha)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How a job shapes its iterations (its genesis job spec's): the method, α, and the group width W."""
+
+    method: str
+    alpha: float
+    group_width: int
+
+
+def member_coefficients(population: int, rewards: Mapping[int, float], rule: Rule) -> tuple[int, ...]:
+    """One iteration's coefficients, one per member: the rewarded members' rewards (member -> reward)
+    shaped in member order within their groups (member m in group m // W), 0 for the other members."""
+    rewarded = sorted(rewards)
+    groups = [m // rule.group_width for m in rewarded] if rule.group_width < population else None
+    shaped = coefficients([rewards[m] for m in rewarded], rule.method, rule.alpha, groups)
+    if len(rewarded) == population:  # every member rewarded (the common case): already in member order
+        return tuple(shaped)
+    out = [0] * population
+    for member, coefficient in zip(rewarded, shaped):
+        out[member] = coefficient
+    return tuple(out)
 
 
 def sigma_integer(sigma: float) -> int:

@@ -8,7 +8,7 @@ import struct
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
-from typing import BinaryIO, Sequence
+from typing import BinaryIO, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -77,20 +77,22 @@ def write_snapshot(out: BinaryIO, header: SnapshotHeader, state: MasterState) ->
     return digest.digest()
 
 
-def state_parts(state: MasterState) -> list[bytes | memoryview]:
-    """The state part in pieces no larger than a row chunk (a list of views: Q is not copied whole)."""
-    parts: list[bytes | memoryview] = [state_preamble(len(state.specs))]
-    for spec, q in zip(state.specs, state.q):
-        parts.append(tensor_header(spec))
-        flat = q.reshape(-1)
-        parts.extend(q_bytes(flat[start:stop]) for start, stop in row_chunks(spec.shape))
-    return parts
+def state_parts(state: MasterState) -> Iterator[bytes | memoryview]:
+    """The state part in pieces no larger than a row chunk, one at a time (Q is never copied whole, and
+    a spilled tensor is read back a chunk at a time)."""
+    yield state_preamble(len(state.specs))
+    for index, spec in enumerate(state.specs):
+        yield tensor_header(spec)
+        for _, run in state.runs(index):
+            yield q_bytes(run)
 
 
 def load_into(stream: BinaryIO, state: MasterState, expected_hash: bytes) -> None:
-    """Read the state part of `stream` into `state.q` in place (chunk by chunk, hashing as it goes);
-    SnapshotError if its layout is not `state`'s plan, it is cut short or longer, or its hash is not
-    `expected_hash` (the state's contents are then undefined: rebuild it)."""
+    """Read the state part of `stream` into `state`'s resident Q in place (chunk by chunk, hashing as it
+    goes); a spilled (frozen) tensor's bytes are hashed and compared with its spill, which they must
+    equal (no update ever changes a frozen tensor). SnapshotError if its layout is not `state`'s plan,
+    it is cut short or longer, a frozen tensor differs, or its hash is not `expected_hash` (the
+    state's contents are then undefined: rebuild it)."""
     digest = hashlib.sha256()
 
     def expect(wanted: bytes, what: str) -> None:
@@ -100,13 +102,16 @@ def load_into(stream: BinaryIO, state: MasterState, expected_hash: bytes) -> Non
         digest.update(got)
 
     expect(state_preamble(len(state.specs)), "the state header")
-    for spec, q in zip(state.specs, state.q):
+    for index, spec in enumerate(state.specs):
         expect(tensor_header(spec), f"tensor {spec.name}'s header")
-        flat = q.view(-1)
         for start, stop in row_chunks(spec.shape):
             data = read_exact(stream, (stop - start) * Q_WIRE.itemsize, f"tensor {spec.name}")
             digest.update(data)
-            flat[start:stop].copy_(torch.from_numpy(np.frombuffer(data, dtype=Q_WIRE).astype(Q_WIRE.newbyteorder("="))))
+            q = torch.from_numpy(np.frombuffer(data, dtype=Q_WIRE).astype(Q_WIRE.newbyteorder("=")))
+            if not state.spilled(index):
+                state.resident(index).view(-1)[start:stop].copy_(q)
+            elif not torch.equal(q, state.run(index, start, stop)):
+                raise SnapshotError(f"frozen tensor {spec.name} differs from the base model's in the snapshot: it is damaged or forged")
     if stream.read(1):
         raise SnapshotError("the snapshot holds bytes after the last tensor: it is not of this job's tensor plan")
     found = digest.digest()

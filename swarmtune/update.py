@@ -27,10 +27,10 @@ FLOAT64_EXACT_BITS = 53
 
 
 class BaseSource(Protocol):
-    """Where anchored decay reads the genesis Q: a MasterState, or a spill file (basefile.BaseFile)."""
+    """Where anchored decay reads the genesis Q: a MasterState, or a spill file (spillfile.SpillFile)."""
 
     def read(self, index: int, start: int, stop: int) -> torch.Tensor:
-        """Flat elements start..stop of tensor `index` as int64."""
+        """Flat elements start..stop of tensor `index` as Q_DTYPE or int64."""
         ...
 
 
@@ -210,7 +210,7 @@ def state_deltas(
     """(index, start, flat int64 ΔQ of elements start..) of every tensor that moves, in order, computed
     on `device` (default: where Q lives): tensor_deltas' values, with the small dense tensors of each
     rounding shift generated together (for them, per-call overhead is the cost)."""
-    where = torch.device(device) if device is not None else (state.q[0].device if state.q else torch.device("cpu"))
+    where = torch.device(device) if device is not None else state.device
     groups: dict[int, list[int]] = {}
     for index, spec in enumerate(state.specs):
         if spec.treatment == "dense" and spec.numel <= SMALL_TENSOR:
@@ -247,7 +247,7 @@ def apply_iteration_(
     if not weights and not decay:
         return  # ΔQ = 0 everywhere: nothing moves
     for index, start, delta in state_deltas(state, weights, noise, cache, device):
-        spec, flat = state.specs[index], state.q[index].view(-1)
+        spec, flat = state.specs[index], state.resident(index).view(-1)
         stop = start + delta.numel()
         current = flat[start:stop].to(delta.device)  # Q_DTYPE: the adds below widen it element by element
         if decay:

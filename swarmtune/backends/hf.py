@@ -159,8 +159,8 @@ class HFBackend:
     """Evaluates ES members on a Hugging Face causal LM whose weights are derived from a master state.
 
     Call set_center after the master state changes (for example after an update was applied). The
-    master state stays on the host (Q, 4 bytes a parameter); the device holds only the model's params
-    and one chunk's scratch.
+    master state stays on the host (Q, 4 bytes a parameter; a frozen tensor's is spilled to disk and
+    derived into its param once, here); the device holds only the model's params and one chunk's scratch.
     `noise_cache` keeps each seed's noise (dense, or low-rank factors) for its antithetic twin and the update that follows.
     """
 
@@ -204,8 +204,8 @@ class HFBackend:
         members too: derived again from Q, exact, never a float undo of the perturbation)."""
         if self._center_shown:
             return
-        for index, spec, param in self.trainable:
-            write_derived(param, self.state.q[index], spec)
+        for index, _, param in self.trainable:
+            write_derived(param, self.state, index)
         self._center_shown = True
 
     def generate(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:

@@ -44,8 +44,7 @@ def perturbed_weights(
     """(index, start, derive(Q + integer perturbation) of flat elements start..) of each tensor a member
     moves, chunk by chunk on `device`: its weights come from the master, never from a float add."""
     for index, start, delta in member_deltas(state, member, sigma_int, noise, cache, device):
-        q = state.q[index].view(-1)[start : start + delta.numel()]
-        delta.add_(q.to(delta.device))
+        delta.add_(state.run(index, start, start + delta.numel()).to(delta.device))
         yield index, start, derive(delta, state.specs[index].exponent, dtype)
         del delta  # not alive while the next chunk is drawn
 

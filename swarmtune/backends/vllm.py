@@ -16,7 +16,7 @@ from torch import nn
 from swarmtune.backends.base import BackendError, examples_per_member, mean_reward, shared_examples
 from swarmtune.backends.hf import stop_token_ids
 from swarmtune.backends.perturbation import lowrank_deltas, perturbed_weights, uses_lowrank_batching
-from swarmtune.backends.vllm_extension import tensor_bytes, wire_weight
+from swarmtune.backends.vllm_extension import wire_adapters, wire_weight
 from swarmtune.fixedpoint import derive
 from swarmtune.jobspec import JobSpec
 from swarmtune.noise import NoiseConfig
@@ -53,15 +53,30 @@ def ensure_cpu_kvcache(device: str) -> None:
         log.warning("VLLM_CPU_KVCACHE_SPACE unset: using %s GiB for vLLM's KV cache", DEFAULT_CPU_KVCACHE_GIB)
 
 
-def start_engine(model_dir: Path, dtype: torch.dtype, device: str, lora_rank: int | None, max_loras: int) -> Any:
+def lora_targets(state: MasterState) -> list[str]:
+    """Module name suffixes of the low-rank tensors: the only modules whose LoRA a member changes."""
+    return sorted({spec.name.removesuffix(".weight").rsplit(".", 1)[-1] for spec in state.specs if spec.treatment == "lowrank"})
+
+
+def start_engine(
+    model_dir: Path, dtype: torch.dtype, device: str, lora_rank: int | None, lora_modules: Sequence[str], max_loras: int
+) -> Any:
     """A greedy-ready vLLM engine on the model directory, swarmtune's worker extension loaded (and
-    LoRA slots for `max_loras` adapters of rank `lora_rank`, unless None)."""
+    LoRA slots for `max_loras` adapters of rank `lora_rank` on `lora_modules`, unless the rank is None)."""
     from vllm import LLM
 
     ensure_cpu_kvcache(device)
     options: dict[str, Any] = {}
     if lora_rank is not None:
-        options = {"enable_lora": True, "max_lora_rank": served_rank(lora_rank), "max_loras": max_loras, "max_cpu_loras": max_loras}
+        options = {
+            "enable_lora": True,
+            "max_lora_rank": served_rank(lora_rank),
+            "max_loras": max_loras,
+            "max_cpu_loras": max_loras,
+            # vLLM otherwise runs LoRA kernels on every module it supports (embed_tokens too) for every token,
+            # whether or not an adapter changes it.
+            "lora_target_modules": list(lora_modules),
+        }
     return LLM(
         model=str(model_dir),
         dtype=dtype,
@@ -109,7 +124,7 @@ class VLLMBackend:
         self.state = state.to("cpu")
         self.lora = uses_lowrank_batching(state)
         self._rpc("swarmtune_watch_owner", os.getpid())
-        self._rpc("swarmtune_load_weights", [self._wire(i, self.state.q[i]) for i in range(len(state.specs))], True)
+        self._rpc("swarmtune_load_weights", [self._wire(i, self.state.whole(i)) for i in range(len(state.specs))], True)
         self._check_lora_modules()
         self._center_shown = True
 
@@ -128,15 +143,15 @@ class VLLMBackend:
         tokens = self._token_prompts(prompts)
         if not self.lora:
             return self._completions(tokens, max_new_tokens, [None] * len(tokens))
-        # Through a zero adapter (exactly the base output): after adapter batches, vLLM 0.32 on CPU
-        # keeps applying a stale lm_head adapter to requests that name none.
+        # Through a zero adapter (exactly the base output): vLLM 0.32's CPU LoRA ops read "no adapter"
+        # (slot -1) as the last slot, which the logits processor applies even when no request has one.
         rank = self.noise.rank
         zero = [
-            [s.name.removesuffix(".weight"), torch.zeros(rank, s.shape[1], dtype=self.dtype), torch.zeros(s.shape[0], rank, dtype=self.dtype)]
+            (s.name.removesuffix(".weight"), torch.zeros(1, rank, s.shape[1], dtype=self.dtype), torch.zeros(1, s.shape[0], rank, dtype=self.dtype))
             for s in self.state.specs
             if s.treatment == "lowrank"
         ]
-        return self._adapter_batch([zero], [tokens], max_new_tokens)[0]
+        return self._adapter_batch(zero, [tokens], max_new_tokens)[0]
 
     def evaluate(
         self, members: Sequence[MemberNoise], examples: Sequence[Example], reward_fn: RewardFn, max_new_tokens: int
@@ -215,25 +230,24 @@ class VLLMBackend:
         completions: list[list[str]] = []
         for start in range(0, len(members), self.max_loras):
             stop = min(start + self.max_loras, len(members))
-            # lora_A = Bᵀ (r × in), lora_B = σ·sign·A (out × r): vLLM adds scaling·(x·lora_Aᵀ)·lora_Bᵀ, scaling 1.
-            adapters = [[[d.module, d.b_t[m], d.a_t[m].T] for d in deltas] for m in range(start, stop)]
-            completions += self._adapter_batch(adapters, tokens[start:stop], max_new_tokens)
+            # Per member lora_A = Bᵀ (r × in), lora_B = σ·sign·A (out × r): vLLM adds
+            # scaling·(x·lora_Aᵀ)·lora_Bᵀ, scaling 1.
+            stacks = [(d.module, d.b_t[start:stop], d.a_t[start:stop].transpose(1, 2)) for d in deltas]
+            completions += self._adapter_batch(stacks, tokens[start:stop], max_new_tokens)
         return completions
 
     def _adapter_batch(
-        self, adapters: list[list[list[Any]]], tokens: list[list[list[int]]], max_new_tokens: int
+        self, stacks: list[tuple[str, torch.Tensor, torch.Tensor]], tokens: list[list[list[int]]], max_new_tokens: int
     ) -> list[list[str]]:
-        """Register `adapters` ([module, lora_A, lora_B] each) in the engine under fresh ids, then each
-        adapter's prompts (tokens[i]) under it, all in one generate call: completions per adapter."""
+        """Register one adapter per tokens[i] in the engine under fresh ids (`stacks`: per module its
+        lora_A (adapters, r, in) and lora_B (adapters, out, r)), then each adapter's prompts under it,
+        all in one generate call: completions per adapter."""
         from vllm.lora.request import LoRARequest
 
-        ids = list(range(self._next_adapter, self._next_adapter + len(adapters)))
-        self._next_adapter += len(adapters)
-        wire = [
-            [i, [[module, tensor_bytes(a), list(a.shape), tensor_bytes(b), list(b.shape)] for module, a, b in entries]]
-            for i, entries in zip(ids, adapters)
-        ]
-        self._rpc("swarmtune_set_adapters", self.noise.rank, wire, str(self.dtype).removeprefix("torch."))
+        ids = list(range(self._next_adapter, self._next_adapter + len(tokens)))
+        self._next_adapter += len(tokens)
+        wire = [wire_adapters(module, lora_a, lora_b) for module, lora_a, lora_b in stacks]
+        self._rpc("swarmtune_set_adapters", self.noise.rank, ids, wire, str(self.dtype).removeprefix("torch."))
         requests = [LoRARequest(f"member-{i}", i, "swarmtune-in-memory") for i, own in zip(ids, tokens) for _ in own]
         texts = self._completions([prompt for own in tokens for prompt in own], max_new_tokens, requests)
         starts = [0, *itertools.accumulate(len(own) for own in tokens)]
@@ -281,7 +295,8 @@ def build(
         raise BackendError(f"the vllm backend loads the model from its directory, and {str(model_dir)!r} is none; pass --model DIR")
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     max_loras = min(DEFAULT_MAX_LORAS, max(1, spec.population))
-    engine = start_engine(model_dir, dtype, device, spec.rank if uses_lowrank_batching(state) else None, max_loras)
+    rank = spec.rank if uses_lowrank_batching(state) else None
+    engine = start_engine(model_dir, dtype, device, rank, lora_targets(state), max_loras)
     try:
         return VLLMBackend(engine, model, tokenizer, state, spec.noise, spec.sigma, noise_cache, max_loras)
     except BaseException:

@@ -6,15 +6,16 @@ import os
 import select
 import signal
 import threading
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 
 # On the wire (collective_rpc): plain lists, since tensors do not survive every vLLM serializer.
 #   weight:  [names, dtype, shape, data]  names: every checkpoint name of the tensor (tied ones too)
-#   adapter: [adapter_id, [[module, lora_a data, lora_a shape, lora_b data, lora_b shape], ...]]
+#   adapters of one module: [module, lora_a data, lora_a shape, lora_b data, lora_b shape], the shapes
+#   (adapters, r, in) and (adapters, out, r): adapter k's lora_A and lora_B are the k-th slices
 WireWeight = Sequence[Any]
-WireAdapter = Sequence[Any]
+WireModule = Sequence[Any]
 
 
 def tensor_bytes(tensor: torch.Tensor) -> bytes:
@@ -29,6 +30,25 @@ def tensor_from_bytes(data: bytes, dtype: torch.dtype, shape: Sequence[int]) -> 
 
 def wire_weight(names: Sequence[str], tensor: torch.Tensor) -> list[Any]:
     return [list(names), str(tensor.dtype).removeprefix("torch."), list(tensor.shape), tensor_bytes(tensor)]
+
+
+def wire_adapters(module: str, lora_a: torch.Tensor, lora_b: torch.Tensor) -> list[Any]:
+    """One module's adapters on the wire, stacked: two serializations a module, not two per adapter and module."""
+    return [module, tensor_bytes(lora_a), list(lora_a.shape), tensor_bytes(lora_b), list(lora_b.shape)]
+
+
+def peft_adapters(modules: Sequence[WireModule], dtype: torch.dtype) -> list[dict[str, torch.Tensor]]:
+    """Per adapter, its tensors under the PEFT checkpoint names vLLM's loader expects (views of the wire's stacks)."""
+    stacks = [
+        (module, tensor_from_bytes(a_data, dtype, a_shape), tensor_from_bytes(b_data, dtype, b_shape))
+        for module, a_data, a_shape, b_data, b_shape in modules
+    ]
+    adapters: list[dict[str, torch.Tensor]] = [{} for _ in range(len(stacks[0][1]) if stacks else 0)]
+    for module, lora_a, lora_b in stacks:
+        for k, tensors in enumerate(adapters):
+            tensors[f"base_model.model.{module}.lora_A.weight"] = lora_a[k]
+            tensors[f"base_model.model.{module}.lora_B.weight"] = lora_b[k]
+    return adapters
 
 
 def named_weights(weights: Sequence[WireWeight]) -> dict[str, torch.Tensor]:
@@ -79,9 +99,9 @@ class SwarmtuneWorkerExtension:
             names += packed.get(module, [module])
         return sorted(set(names))
 
-    def swarmtune_set_adapters(self, rank: int, adapters: Sequence[WireAdapter], dtype: str) -> int:
-        """Replace every registered adapter by `adapters` (lora_A = Bᵀ, lora_B = σ·A; scaling 1).
-        Returns the number registered."""
+    def swarmtune_set_adapters(self, rank: int, adapter_ids: Sequence[int], modules: Sequence[WireModule], dtype: str) -> int:
+        """Replace every registered adapter by one per id, the k-th id's tensors the k-th slices of
+        `modules` (lora_A = Bᵀ, lora_B = σ·A; scaling 1). Returns the number registered."""
         from vllm.lora.lora_model import LoRAModel
         from vllm.lora.peft_helper import PEFTHelper
 
@@ -89,11 +109,10 @@ class SwarmtuneWorkerExtension:
         worker_manager.remove_all_adapters()
         manager = worker_manager._adapter_manager
         mapper = getattr(manager.model, "hf_to_vllm_mapper", None)
-        modules = sorted({entry[0].rsplit(".", 1)[-1] for _, entries in adapters for entry in entries})
-        helper = PEFTHelper.from_dict({"r": rank, "lora_alpha": rank, "target_modules": modules})
         torch_dtype = getattr(torch, dtype)
-        for adapter_id, entries in adapters:
-            tensors = dict(_peft_tensors(entries, torch_dtype))
+        suffixes = sorted({entry[0].rsplit(".", 1)[-1] for entry in modules})
+        helper = PEFTHelper.from_dict({"r": rank, "lora_alpha": rank, "target_modules": suffixes})
+        for adapter_id, tensors in zip(adapter_ids, peft_adapters(modules, torch_dtype), strict=True):
             lora = LoRAModel.from_lora_tensors(
                 adapter_id,
                 tensors,
@@ -103,14 +122,7 @@ class SwarmtuneWorkerExtension:
                 weights_mapper=mapper.get_rename_mapper() if mapper is not None else None,
             )
             manager.add_adapter(lora)
-        return len(adapters)
-
-
-def _peft_tensors(entries: Sequence[Any], dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """PEFT checkpoint names and tensors of one adapter, as vLLM's loader expects them."""
-    for module, a_data, a_shape, b_data, b_shape in entries:
-        yield f"base_model.model.{module}.lora_A.weight", tensor_from_bytes(a_data, dtype, a_shape)
-        yield f"base_model.model.{module}.lora_B.weight", tensor_from_bytes(b_data, dtype, b_shape)
+        return len(adapter_ids)
 
 
 def end_with_owner(owner_pid: int, engine_core_pid: int) -> None:

@@ -1,4 +1,4 @@
-"""The audit: chain, signatures and admissions; seeds and coefficients re-derived; optionally an exact replay."""
+"""The audit: chain, signatures and admissions; seeds and shaping checked against the job spec; optionally an exact replay."""
 
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ class AuditReport:
             lines = [f"audit OK: job {self.job_id}, {sound}"]
         lines.append(
             f"  checked: chain, coordinator signatures, {self.worker_signatures} worker signatures, admissions, "
-            "member seeds, coefficients, draws, verdicts, spot checks, strikes"
+            "member seeds, shaping (coefficients derived from the rewards), draws, verdicts, spot checks, strikes"
         )
         if self.replayed:
             lines.append(f"  replayed from the base model: {self.attestations_checked} attested or checkpointed hashes match")
@@ -77,26 +77,11 @@ class AuditReport:
         return "\n".join(lines)
 
 
-def expected_coefficients(body: Iteration, alpha: float, group_width: int | None = None) -> tuple[int, ...]:
-    """PROTOCOL §3: the rewarded members' recorded rewards, shaped in member order within their groups
-    (member m in group m // group_width; None: one group); 0 for the others."""
-    rewarded = sorted(body.counted[0])
-    groups = [m // (group_width or body.plan.population) for m in rewarded]
-    shaped = shaping.coefficients([body.rewards[m] for m in rewarded], body.shaping, alpha, groups)
-    expected = [0] * body.plan.population
-    for member, coefficient in zip(rewarded, shaped):
-        expected[member] = coefficient
-    return tuple(expected)
-
-
-def coefficient_problem(body: Iteration, spec: JobSpec) -> str | None:
-    """Why the recorded coefficients are not what shaping the signed rewards gives (None if they are)."""
+def shaping_problem(body: Iteration, spec: JobSpec) -> str | None:
+    """Why the entry's shaping method is not the job's (None if it is). Its coefficients are not
+    recorded: the verified walk derived them from the signed rewards under the job spec (PROTOCOL §3)."""
     if body.shaping != spec.shaping:
         return f"shaped with {body.shaping!r}, the job spec says {spec.shaping!r}"
-    expected = expected_coefficients(body, spec.alpha, spec.group_width)
-    for member, (recorded, derived) in enumerate(zip(body.coefficients, expected)):
-        if recorded != derived:
-            return f"member {member}'s coefficient is {recorded}; shaping the signed rewards gives {derived}"
     return None
 
 
@@ -122,12 +107,12 @@ def genesis_problem(genesis: Genesis) -> tuple[JobSpec | None, str | None]:
 
 
 def content_problem(entry: StoredEntry, spec: JobSpec | None) -> tuple[JobSpec | None, str | None]:
-    """What the chain verification does not re-derive: the spec in genesis, seeds and coefficients."""
+    """What the chain verification does not re-derive: the spec in genesis, the noise plan and the shaping method."""
     body = entry.entry.body
     if isinstance(body, Genesis):
         return genesis_problem(body)
     if isinstance(body, Iteration) and spec is not None:
-        return spec, plan_problem(body, spec) or coefficient_problem(body, spec)
+        return spec, plan_problem(body, spec) or shaping_problem(body, spec)
     return spec, None
 
 
@@ -163,8 +148,9 @@ class ContentCheck:
 
 
 def check_entries(stored: Sequence[bytes], coordinator_key: bytes | None = None) -> Checked:
-    """Verify the chain (ledger.verify_chain) and re-derive seeds and coefficients in the same walk:
-    each entry parsed once. The chain is verified to its end (or first break) for the report's counts."""
+    """Verify the chain (ledger.verify_chain, which derives the coefficients) and check the noise plan
+    and shaping in the same walk: each entry parsed once. The chain is verified to its end (or first
+    break) for the report's counts."""
     contents = ContentCheck()
     chain = ledger.verify_chain(stored, coordinator_key, on_entry=contents)
     return Checked(contents.sound, contents.problem or chain.problem, chain)

@@ -14,7 +14,7 @@ from typing import BinaryIO
 import torch
 
 from swarmtune.fixedpoint import derive
-from swarmtune.state import MasterState, row_chunks
+from swarmtune.state import MasterState
 from swarmtune.statefiles import FILE_DTYPES, INDEX_FILE, FileTensor, StateFiles, raw_chunks
 
 SAFETENSORS_DTYPES = {dtype: name for name, dtype in FILE_DTYPES.items()}
@@ -92,9 +92,9 @@ def write_safetensors(handle: BinaryIO, tensors: list[OutTensor], state: MasterS
 
 def _write_derived(handle: BinaryIO, state: MasterState, index: int, dtype: torch.dtype) -> None:
     """derive(Q) of one state tensor, a row chunk at a time (what write_weights puts in a model)."""
-    spec, flat = state.specs[index], state.q[index].reshape(-1)
-    for start, stop in row_chunks(spec.shape):
-        handle.write(derive(flat[start:stop], spec.exponent, dtype).view(torch.uint8).numpy().data)
+    exponent = state.specs[index].exponent
+    for _, run in state.runs(index):
+        handle.write(derive(run, exponent, dtype).view(torch.uint8).numpy().data)
 
 
 def copy_model_files(model_dir: Path, out: Path, exclude: tuple[str, ...]) -> None:

@@ -107,17 +107,18 @@ def build_iteration(
     verdicts = verdicts_of(results, revoked, spec.redundancy_tolerance, panel.referees, panel.spot)
     standing = {m: v.reward for m, v in verdicts.items() if v.reward is not None}
     counted = [r for r in results if r.member in standing and r.worker_key not in revoked]
-    order = sorted(standing)
-    groups = [spec.group_of(m) for m in order]
-    shaped = dict(zip(order, shaping.coefficients([standing[m] for m in order], spec.shaping, spec.alpha, groups)))
     recorded = recorded_batches(counted, source)
-    others, assignments = assignlog.encode(given, panel.candidates)
+    others, assignments = assignlog.encode(given, panel.candidates, [r.batch.worker_key for r in recorded])
+    # In the order of the workers the entry names, so that each batch's worker index costs nothing
+    # where it is the next worker's (PROTOCOL §5.2).
+    index = {key: i for i, key in enumerate((*panel.candidates, *others))}
+    recorded = tuple(sorted(recorded, key=lambda r: (index[r.batch.worker_key], r.batch.members[0], r.batch.signature)))
     body = Iteration(
         iteration=open_iteration.iteration,
         opened_head=open_iteration.head_hash,
         plan=open_iteration.plan,
         batches=recorded,
-        coefficients=tuple(shaped.get(m, 0) for m in range(spec.population)),
+        coefficients=shaping.member_coefficients(spec.population, standing, shaping.Rule(spec.shaping, spec.alpha, spec.group_width)),
         disputed=batches.disputed_rewards(batches.tally(recorded)[1], standing),
         shaping=spec.shaping,
         retention=tuple(retention),

@@ -132,5 +132,8 @@ def restored_replica(
         replica.restore(restore_from(config.snapshot, job_id, ledger_entries, replica.state))
         return replica, None
     except (SnapshotError, ledger.LedgerError) as exc:
-        del replica  # its state is half overwritten; one state in memory at a time
-        return replica_from_genesis(model, genesis, config.device), str(exc)
+        refused = str(exc)
+    # Rebuilt after the handler: its traceback's frames hold the half-overwritten state until it ends,
+    # and one state in memory at a time is the point.
+    del replica
+    return replica_from_genesis(model, genesis, config.device), refused

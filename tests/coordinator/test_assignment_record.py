@@ -70,11 +70,15 @@ def test_later_assignments_are_recorded_journaled_and_read_back(store: LedgerSto
     assert len(again.given) < len(current.given)
 
 
-def test_one_replica_takes_the_linear_path_of_the_same_greedy_order() -> None:
+def test_one_replica_deals_each_worker_its_quota_as_one_block_in_the_draws_order() -> None:
     rng = random.Random(5)
     for _ in range(200):
-        quota = [rng.choice((0, 1, 2, 3, 7)) for _ in range(rng.randint(1, 9))]
-        members = rng.sample(range(40), min(40, sum(quota) + rng.randint(0, 3)))
-        order = [Candidate(bytes([p]) * 32, str(p), q) for p, q in enumerate(quota)]
-        greedy = {member: held for member, held in assignment._greedy(members, quota, order, 1).items() if held}
-        assert assignment._levels(members, quota) == greedy, quota
+        capacities = [rng.choice((0, 1, 2, 3, 7)) for _ in range(rng.randint(1, 9))]
+        members = sorted(rng.sample(range(40), min(40, sum(capacities) + rng.randint(0, 3))))
+        pool = [Candidate(bytes([p]) * 32, str(p), c) for p, c in enumerate(capacities)]
+        draw = rng.randbytes(64)
+        order = assignment.drawn(pool, draw)
+        quota = assignment.quotas(len(members), [c.capacity for c in order], cap=len(members))
+        starts = [sum(quota[:i]) for i in range(len(quota))]
+        blocks = {c.key: tuple(members[s : s + q]) for c, s, q in zip(order, starts, quota) if q}
+        assert assignment.assign(members, pool, 1, draw) == blocks, capacities

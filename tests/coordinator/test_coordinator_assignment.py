@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from swarmtune import batches, entries, identity, shaping
+from swarmtune import assignment, batches, entries, identity, shaping
 from swarmtune.assignment import Candidate, assign, by_worker, effective_replicas, picks, quotas
 from swarmtune.coordinator.close import build_iteration, retention_alerts
 from swarmtune.coordinator.lifecycle import encode_open_meta, extend_deadline, may_close, open_iteration, quorum_members, resume_iteration
@@ -65,6 +65,17 @@ def test_replicas_on_distinct_workers_and_operators() -> None:
         assert len({operator[key] for key in keys}) == 2, member
 
 
+def test_members_are_dealt_in_contiguous_blocks() -> None:
+    # One replica: each worker's members are consecutive, so its batch's member gaps are one byte.
+    plan = assign(list(range(30)), candidates((1, "a", 10), (2, "b", 20), (3, "c", 30)), replicas=1, draw=b"x" * 64)
+    assert all(list(held) == list(range(held[0], held[-1] + 1)) for held in plan.values())
+    assert sorted(m for held in plan.values() for m in held) == list(range(30))
+    # Two replicas: a block that crosses into the second round wraps to the first members.
+    plan = assign(list(range(12)), candidates(*[(n, str(n), 5) for n in range(5)]), replicas=2, draw=b"y" * 64)
+    runs = {key: sum(1 for a, b in zip(held, held[1:]) if b != a + 1) + 1 for key, held in plan.items()}
+    assert max(runs.values()) <= 2 and all(len(keys) == 2 for keys in holders_of(plan).values())
+
+
 def test_replicas_capped_by_distinct_operators() -> None:
     pool = candidates((1, "a", 4), (2, "a", 4))
     assert effective_replicas(3, pool) == 1
@@ -79,12 +90,22 @@ def test_draws_give_surplus_workers_turns() -> None:
 
 
 def test_every_slot_is_filled_where_the_greedy_pass_leaves_one() -> None:
-    # Member-major greedy gives members 0 and 1 to workers 2 and 0 first; member 2 would then be
-    # left to worker 2, which holds it already: member 1 moves to worker 2 and worker 0 takes member 2.
+    # The greedy deal (where contiguous blocks would give two workers of one operator a member) is
+    # member-major: it gives members 0 and 1 to workers 2 and 0 first; member 2 would then be left
+    # to worker 2, which holds it already: member 1 moves to worker 2 and worker 0 takes member 2.
     pool = candidates((0, "a", 2), (1, "b", 1), (2, "c", 3))
-    plan = assign([0, 1, 2], pool, replicas=2)
-    assert {key: len(members) for key, members in plan.items()} == {k(0): 2, k(1): 1, k(2): 3}
-    assert all(len(keys) == 2 for keys in holders_of(plan).values())
+    taken = assignment._greedy([0, 1, 2], [2, 1, 3], pool, 2)
+    assert Counter(p for holders in taken.values() for p in holders) == {0: 2, 1: 1, 2: 3}
+    assert all(len(set(holders)) == 2 for holders in taken.values())
+
+
+def test_blocks_that_would_give_one_operator_a_member_twice_fall_back_to_the_greedy_deal() -> None:
+    pool = candidates((1, "a", 2), (2, "a", 2), (3, "b", 2), (4, "c", 2))
+    clashing = [t for t in range(64) if assignment._operators_clash(assignment._spans(4, [2] * 4), assignment.drawn(pool, bytes([t]) * 64), 4)]
+    assert clashing  # some draws order the two workers of "a" so that their blocks overlap
+    plan = assign(list(range(4)), pool, 2, bytes([clashing[0]]) * 64)
+    operator = {c.key: c.operator for c in pool}
+    assert all(len(keys) == 2 and len({operator[key] for key in keys}) == 2 for keys in holders_of(plan).values())
 
 
 @settings(max_examples=300, deadline=None)

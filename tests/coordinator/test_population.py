@@ -127,7 +127,7 @@ def test_population_16384_holds_chain_signatures_admission_redundancy_resume_and
     asyncio.run(asyncio.wait_for(first_life(), TIMEOUT_S))
     asyncio.run(asyncio.wait_for(second_life(), TIMEOUT_S))
     stored = list(store.read(job_id))
-    bodies = [b for b in (entries.parse_entry(s).entry.body for s in stored) if isinstance(b, Iteration)]
+    bodies = [b for b in (entry.entry.body for _, entry in ledger.walk(stored)) if isinstance(b, Iteration)]
     assert [b.iteration for b in bodies] == [1, 2]
     for body in bodies:  # redundancy: every member twice, by two workers, agreeing
         first, several = body.counted

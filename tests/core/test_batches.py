@@ -10,7 +10,7 @@ from itertools import accumulate
 
 import pytest
 
-from swarmtune import batches, entries, identity, ledger
+from swarmtune import batches, coefficients, entries, identity, ledger, shaping
 from swarmtune.batches import BatchError, Recorded
 from swarmtune.digest import advance_digest, digest_of, seal_digest
 from tests.support.ledger_factory import ChainBuilder
@@ -131,6 +131,9 @@ def test_an_iteration_digest_takes_a_worker_to_the_full_entrys_hash() -> None:
     chain.add(chain.iteration())
     state, _ = ledger.start(chain.stored[0])
     full, entry = ledger.advance(state, chain.stored[1])
+    # The coordinator's digest carries the coefficients it built; the builder's job spec is no TOML,
+    # so the walk has no rule to derive them: given here as the coordinator would have them.
+    entry = coefficients.with_coefficients(entry, shaping.Rule("zscore", 5e-4, 4))
     sealed = seal_digest(chain.coordinator, digest_of(entry))
     light, digest = advance_digest(state, sealed)
     assert light == full  # the same chain state as verifying the full entry
@@ -143,7 +146,7 @@ def test_a_digest_that_does_not_follow_the_chain_or_is_not_the_coordinators_is_r
     chain = ChainBuilder()
     chain.add(chain.iteration())
     state, _ = ledger.start(chain.stored[0])
-    digest = digest_of(entries.parse_entry(chain.stored[1]))
+    digest = digest_of(coefficients.with_coefficients(entries.parse_entry(chain.stored[1]), shaping.Rule("zscore", 5e-4, 4)))
     cases = {
         "coordinator signature invalid": seal_digest(identity.generate_key(), digest),
         "does not follow entry 0": seal_digest(chain.coordinator, replace(digest, prev_hash=bytes(32))),

@@ -8,11 +8,13 @@ from dataclasses import replace
 
 import pytest
 
-from swarmtune import batches, entries, identity, ledger, precheck
+from swarmtune import batches, coefficients, entries, identity, ledger, precheck, shaping
 from swarmtune.batches import Recorded
 from swarmtune.entries import Admission, Checkpoint, Iteration, Revocation
 from swarmtune.wire import ledger_pb2 as pb
 from tests.support.ledger_factory import BASE_STATE, ChainBuilder, sound_chain
+from tests.support.replay_ledger import build_ledger
+from tests.support.tiny_models import tiny_llama
 
 
 def _problem(stored: list[bytes], **kwargs: object) -> ledger.Problem:
@@ -130,6 +132,45 @@ def test_a_worker_skips_only_its_own_exact_signatures() -> None:
     ledger.advance(state, stored[1], vouched={unchecked.batch.signed})
     with pytest.raises(ledger.LedgerError, match="batch 1: worker signature invalid"):
         ledger.advance(state, stored[1])
+
+
+def _resealed(chain: ChainBuilder, stored: bytes, edit: object) -> bytes:
+    """Stored bytes whose envelope `edit` changed, sealed again by the chain's coordinator."""
+    envelope = pb.Entry.FromString(pb.SignedEntry.FromString(stored).entry)
+    edit(envelope)  # type: ignore[operator]
+    signature = identity.sign(chain.coordinator, identity.CONTEXT_ENTRY, envelope.SerializeToString())
+    return pb.SignedEntry(entry=envelope.SerializeToString(), signature=signature).SerializeToString()
+
+
+def test_a_recorded_batch_names_its_worker_by_index_and_the_key_is_in_the_entry_once() -> None:
+    chain = ChainBuilder()
+    body = chain.iteration(members=6)
+    stored = _one_iteration(chain, members=6, batches=(*body.batches, Recorded(chain.batch(chain.workers[0], 1, [4], chain.head.hash, [0.0]))))
+    message = pb.Entry.FromString(pb.SignedEntry.FromString(stored[1]).entry).iteration
+    # Indices 0, 1, 2, 0: each a step from the previous batch's, 0 when it is the next worker's.
+    assert [b.worker_delta for b in message.batches] == [0, 0, 0, -3] and list(message.others) == [chain.key(w) for w in range(3)]
+    assert all(chain.key(0) not in b.SerializeToString() for b in message.batches)
+    parsed = entries.parse_entry(stored[1]).entry.body
+    assert [r.batch.worker_key for r in parsed.batches] == [chain.key(w) for w in (0, 1, 2, 0)]  # type: ignore[union-attr]
+    assert ledger.verify_chain(stored).ok
+
+
+def test_a_batch_index_that_names_another_worker_or_none_is_refused() -> None:
+    chain = ChainBuilder()
+    stored = _one_iteration(chain)
+
+    def name_workers(*deltas: int) -> object:
+        def edit(envelope: pb.Entry) -> None:
+            for batch, delta in zip(envelope.iteration.batches, deltas):
+                batch.worker_delta = delta
+
+        return edit
+
+    # Batches 0 and 1 recorded under each other's index: the key an index resolves to is the one the
+    # signature must verify under.
+    _expect([stored[0], _resealed(chain, stored[1], name_workers(1, -2, 1))], 1, "iteration", "batch 0: worker signature invalid")
+    _expect([stored[0], _resealed(chain, stored[1], name_workers(0, 0, 1))], 1, "iteration", "batch 2: its worker index 3 is not among the entry's 3 workers")
+    _expect([stored[0], _resealed(chain, stored[1], name_workers(-1))], 1, "iteration", "batch 0: its worker index -1 is not among")
 
 
 def _disputed(chain: ChainBuilder, second_reward: float, disputed: tuple[float, ...]) -> Iteration:
@@ -281,18 +322,27 @@ def test_two_results_from_one_worker_for_one_member_are_refused() -> None:
     _expect(_one_iteration(chain, batches=(*body.batches, again)), 1, "iteration", "a second result from the same worker for member 0")
 
 
-def test_member_without_result_must_have_zero_coefficient() -> None:
+def test_an_entry_records_no_coefficients_and_the_walk_derives_them_from_the_rewards() -> None:
+    stored = build_ledger(tiny_llama(hidden=16), iterations=2)
+    walked = [entry.entry.body for _, entry in ledger.walk(stored)][1:]
+    for data, body in zip(stored[1:], walked):
+        assert isinstance(body, Iteration)
+        assert entries.parse_entry(data).entry.body.coefficients == ()  # type: ignore[union-attr]
+        # What the ledger builder's coordinator shaped: the spec's zscore, α = 5e-4, one group.
+        assert body.coefficients == tuple(shaping.coefficients(body.rewards, "zscore", 5e-4))
+    # A member without a counted result gets 0, and the others are shaped without it.
     chain = ChainBuilder()
     body = chain.iteration()
     (first, *rest) = body.batches  # worker 0's batch holds members 0 and 3
-    _expect(_one_iteration(chain, batches=(replace(first, excluded=(3,)), *rest)), 1, "iteration", "member 3 has no result but coefficient")
+    entry = entries.parse_entry(_one_iteration(chain, batches=(replace(first, excluded=(3,)), *rest))[1])
+    derived = coefficients.with_coefficients(entry, shaping.Rule("zscore", 5e-4, 4)).entry.body.coefficients  # type: ignore[union-attr]
+    assert derived[3] == 0 and derived[:3] == tuple(shaping.coefficients(body.rewards[:3], "zscore", 5e-4))
 
 
 @pytest.mark.parametrize(
     ("changes", "fragment"),
     [
         ({"iteration": 2}, "iteration 2, expected 1"),
-        ({"coefficients": (1, 2)}, "4 members but 2 coefficients"),
         ({"opened_head": bytes(32)}, "opened_head is not the hash"),
     ],
 )

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from swarmtune import entries, noise, seeds, shaping, state, update
+from swarmtune.assignment import Candidate, assign, drawn
 from tests.support import spec_reference as ref
 
 PROTOCOL = Path(__file__).resolve().parents[2] / "docs" / "PROTOCOL.md"
@@ -96,3 +97,12 @@ def test_updates(vectors: dict[str, Any], name: str, treatments: tuple[str, str]
         expected.append(ref.apply_update(t["q"], delta))
     assert expected == v["q_after"]
     assert ref.state_hash(reference_tensors(vectors, expected)).hex() == v["sha256_after"]
+
+
+def test_opening_blocks(vectors: dict[str, Any]) -> None:
+    v = vectors["opening_blocks"]
+    pool = [Candidate(bytes.fromhex(c["key"]), c["key"], c["capacity"]) for c in v["candidates"]]
+    draw = bytes.fromhex(v["draw"])
+    assert [c.key.hex() for c in drawn(pool, draw)] == v["order"]
+    plan = assign(range(v["population"]), pool, v["redundancy"], draw)
+    assert [list(plan[bytes.fromhex(key)]) for key in v["order"]] == v["assigned"]

@@ -10,7 +10,7 @@ import pytest
 
 from swarmtune import entries, ledger, ledgerfile, state
 from swarmtune.modelbuild import build_tokenizer
-from swarmtune.basefile import BaseFile
+from swarmtune.spillfile import SpillFile
 from swarmtune.fixedpoint import Q_DTYPE
 from swarmtune.replay import ReplayError, base_state, replay, replica_from_genesis
 from swarmtune.update import decay_integer
@@ -109,7 +109,7 @@ def test_a_replica_keeps_no_base_copy_unless_anchored_decay_reads_it(decay: floa
     expected = direct_hashes(model, stored)
     verified = [entry for _, entry in ledger.walk(stored)]
     replica = replica_from_genesis(model, verified[0].entry.body)  # type: ignore[arg-type]
-    assert isinstance(replica.base, BaseFile) if decay else replica.base is None
+    assert isinstance(replica.base, SpillFile) if decay else replica.base is None
     first_q = replica.state.q[0]
     for entry, after in zip(verified[1:], expected):
         replica.apply(entry.entry.body)  # type: ignore[arg-type]

@@ -124,15 +124,20 @@ def test_non_finite_weights_are_refused_as_when_loaded(tmp_path: Path, monkeypat
 
 
 @pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
-def test_master_from_files_equals_master_from_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tie: bool) -> None:
+@pytest.mark.parametrize("others", ["dense", "frozen"])
+def test_master_from_files_equals_master_from_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tie: bool, others: str) -> None:
+    """The same Q either way; frozen tensors (the tied embedding, norms) spilled, not resident, either way."""
     directory = saved(tmp_path, tie=tie, dtype=torch.bfloat16, shard=True)
     model = AutoModelForCausalLM.from_pretrained(str(directory), dtype="auto")
-    plan = build_plan(model, "lowrank", "dense")
+    plan = build_plan(model, "lowrank", others)
     reference = master_from_model(model, plan)
     monkeypatch.setattr(statefiles, "CHUNK_ELEMENTS", 1000)
     state = statefiles.master_from_files(directory, plan)
     assert state.specs == reference.specs
-    assert all(a.dtype == b.dtype == Q_DTYPE and torch.equal(a, b) for a, b in zip(state.q, reference.q))
-    assert state_hash(state) == statefiles.streamed_base_state(directory, "lowrank", "dense").state_hash
+    frozen = [spec.treatment == "frozen" for spec in state.specs]
+    assert [q.is_meta for q in state.q] == [q.is_meta for q in reference.q] == frozen and any(frozen) == (others == "frozen")
+    wholes = [(state.whole(i), reference.whole(i)) for i in range(len(state.specs))]
+    assert all(a.dtype == b.dtype == Q_DTYPE and torch.equal(a, b) for a, b in wholes)
+    assert state_hash(state) == statefiles.streamed_base_state(directory, "lowrank", others).state_hash
     with pytest.raises(statefiles.StateFileError, match="that the tensor plan does not list"):
         statefiles.master_from_files(directory, {name: kind for name, kind in plan.items() if "norm" not in name})

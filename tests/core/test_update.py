@@ -14,7 +14,7 @@ from swarmtune.noise import NoiseConfig
 from swarmtune.noisecache import NoiseCache
 from swarmtune.seeds import MemberNoise, population
 from swarmtune import state as state_module
-from swarmtune.basefile import BaseFile
+from swarmtune.replay import spilled_base
 from swarmtune.state import MasterState
 from tests.support import spec_reference as ref
 
@@ -194,10 +194,10 @@ def test_chunked_update_with_spilled_base_equals_the_whole_tensor_one(
         current.q[0].view(-1)[::7] += 12_345  # a drift for the decay to pull back
     update.apply_iteration_(whole, change, config, base, decay)
     monkeypatch.setattr(state_module, "CHUNK_ELEMENTS", 3 * 251 + 5)
-    spilled = BaseFile(base)
+    spilled = spilled_base(base)
     update.apply_iteration_(chunked, change, config, spilled, decay, NoiseCache(1 << 20))
     assert torch.equal(whole.q[0], chunked.q[0]) and chunked.q[0].dtype == Q_DTYPE
-    assert torch.equal(spilled.read(0, 500, 1700), base.read(0, 500, 1700))
+    assert torch.equal(spilled.read(0, 500, 1700), base.run(0, 500, 1700))
     spilled.close()
 
 

@@ -133,11 +133,12 @@ def reward_resigned_by_wrong_key(run: Run) -> tuple[list[bytes], int, str]:
     return with_body(run, target, replace(body, batches=(forged, *body.batches[1:]))), target, "worker signature invalid"
 
 
-def coefficient_changed(run: Run) -> tuple[list[bytes], int, str]:
+def shaping_changed(run: Run) -> tuple[list[bytes], int, str]:
+    # An entry records no coefficients (the walk derives them under the job spec); what it says of
+    # its shaping the audit checks against the job spec.
     target = run.index_of(lambda e: isinstance(e.entry.body, Iteration) and e.entry.body.iteration == 2)
     body: Iteration = run.parsed[target].entry.body  # type: ignore[assignment]
-    coefficients = (body.coefficients[0] + 1, *body.coefficients[1:])
-    return with_body(run, target, replace(body, coefficients=coefficients)), target, "coefficient"
+    return with_body(run, target, replace(body, shaping="centered_rank")), target, "the job spec says"
 
 
 def entry_removed(run: Run) -> tuple[list[bytes], int, str]:
@@ -173,7 +174,7 @@ def attestation_with_wrong_hash(run: Run) -> tuple[list[bytes], int, str]:
 
 TAMPERINGS = {
     "reward re-signed by a wrong key": reward_resigned_by_wrong_key,
-    "coefficient changed": coefficient_changed,
+    "shaping changed": shaping_changed,
     "entry removed": entry_removed,
     "entries swapped": entries_swapped,
     "result from a revoked key": result_from_revoked_key,
@@ -216,8 +217,8 @@ def test_each_tampering_fails_the_audit_at_its_entry(
     assert report.to_json()["first_bad_index"] == index and reason in report.to_json()["reason"]
 
 
-def test_only_the_coefficient_check_catches_a_resealed_coefficient(run: Run) -> None:
-    stored, index, _ = coefficient_changed(run)
+def test_only_the_audit_catches_a_resealed_shaping_method(run: Run) -> None:
+    stored, index, _ = shaping_changed(run)
     chain = ledger.verify_chain(stored)
     assert chain.problem is not None and chain.problem.index == index + 1  # the chain itself holds at `index`
 
@@ -247,11 +248,11 @@ def test_audit_cli_exit_codes_and_json(run: Run, monkeypatch: pytest.MonkeyPatch
     assert run_cli(monkeypatch, "audit", "--ledger", str(run.ledger)) == 0
     assert "audit OK" in capsys.readouterr().out
     bad = tmp_path / "bad.bin"
-    stored, index, _ = coefficient_changed(run)
+    stored, index, _ = shaping_changed(run)
     ledgerfile.write(bad, stored)
     assert run_cli(monkeypatch, "audit", "--ledger", str(bad), "--json") == 1
     report = json.loads(capsys.readouterr().out)
-    assert (report["ok"], report["first_bad_index"]) == (False, index) and "coefficient" in report["reason"]
+    assert (report["ok"], report["first_bad_index"]) == (False, index) and "the job spec says" in report["reason"]
     job = run.parsed[0].entry.job_id
     assert run_cli(monkeypatch, "audit", "--redis-url", run.cluster.redis_url, "--job", job, "--json") == 0
     assert json.loads(capsys.readouterr().out)["entries"] >= len(run.stored)

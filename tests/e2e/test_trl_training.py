@@ -9,7 +9,7 @@ from typing import Iterator
 
 import pytest
 
-from swarmtune import entries, ledger, ledgerfile
+from swarmtune import ledger, ledgerfile
 from swarmtune.entries import Iteration
 from swarmtune.tasks.base import Example
 from swarmtune.tasks.demo import addition_task
@@ -91,7 +91,7 @@ def held_out_accuracy(model_dir: Path, stored: list[bytes], iteration: int) -> f
 
 def test_rewards_in_the_ledger_are_the_functions_own(trained: tuple[Path, list[bytes]]) -> None:
     _, stored = trained
-    bodies = [entries.parse_entry(s).entry.body for s in stored]
+    bodies = [entry.entry.body for _, entry in ledger.walk(stored)]  # the walk derives the coefficients
     iterations = [b for b in bodies if isinstance(b, Iteration)]
     assert [b.iteration for b in iterations] == list(range(1, ITERATIONS + 1))
     rewards = [r.reward for b in iterations for r in b.results]

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from swarmtune import entries, identity, ledgerfile
+from swarmtune import entries, identity, ledger, ledgerfile
 from swarmtune.demo.cluster import free_port
 from swarmtune.entries import Iteration, Signed
 from tests.support.processes import Proc, launch, parse_events
@@ -193,7 +193,8 @@ def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
 
 
 def ledger_entries(path: Path) -> list[entries.StoredEntry]:
-    return [entries.parse_entry(stored) for stored in ledgerfile.read(path)]
+    """The verified entries of a ledger file (the walk derives each iteration's coefficients)."""
+    return [entry for _, entry in ledger.walk(ledgerfile.read(path))]
 
 
 def iterations(stored: list[entries.StoredEntry]) -> list[Iteration]:

@@ -23,6 +23,7 @@ def main() -> None:
     parser.add_argument("--family", choices=["dense", "lowrank"], required=True)
     parser.add_argument("--decay", type=float, default=0.0)
     parser.add_argument("--cache-mb", type=int, default=0)
+    parser.add_argument("--keep-frozen", action="store_true", help="frozen tensors' Q resident (as before 0.2's spill), to compare")
     args = parser.parse_args()
 
     import torch
@@ -34,7 +35,7 @@ def main() -> None:
     from swarmtune.noisecache import NoiseCache
     from swarmtune.replay import Replica, ReplayParams
     from swarmtune.seeds import population
-    from swarmtune.state import build_plan, master_from_model
+    from swarmtune.state import MasterState, build_plan, master_from_model
     from swarmtune.tasks.base import Example
     from swarmtune.update import IterationUpdate, apply_iteration_, decay_integer
 
@@ -47,7 +48,11 @@ def main() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS: peaks of loading are not the worker's
 
     noise = NoiseConfig(args.family, "gaussian", rank=1)
-    replica = Replica(ReplayParams(noise, decay_integer(args.decay)), master_from_model(model, build_plan(model, args.family)))
+    base = master_from_model(model, build_plan(model, args.family))
+    if args.keep_frozen:
+        base = MasterState(base.specs, tuple(base.whole(index) for index in range(len(base.specs))))
+    replica = Replica(ReplayParams(noise, decay_integer(args.decay)), base)
+    del base
     cache = NoiseCache(args.cache_mb << 20)
     backend = HFBackend(model, tokenizer, replica.state, noise, 0.01, "cpu", noise_cache=cache)
     members = population(7, 1, 4, antithetic=True)
@@ -58,13 +63,17 @@ def main() -> None:
     backend.generate(["12+34="], 2)
     replica.state_hash()
     budget = memory.worker_memory(replica.state.specs, model.dtype.itemsize, "cpu", args.cache_mb << 20)
+    frozen = budget.parameters - memory.resident_count(replica.state.specs)
     print(json.dumps({
         "parameters": budget.parameters,
+        "frozen": frozen,
+        "resident": budget.parameters - (0 if args.keep_frozen else frozen),
         "imported_rss": imported,
         "loaded_rss": loaded,
         "peak_rss": status_bytes("VmHWM"),
         "predicted_host": budget.host_bytes,
-        "predicted_after_load": budget.host_bytes - memory.PROCESS_BYTES - model.dtype.itemsize * budget.parameters,
+        "predicted_after_load": budget.host_bytes - memory.PROCESS_BYTES - model.dtype.itemsize * budget.parameters
+        + (4 * frozen if args.keep_frozen else 0),
         "scratch": memory.scratch_bytes(replica.state.specs),
     }))
 

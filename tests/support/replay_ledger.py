@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from swarmtune import batches, entries, identity, shaping, state
+from swarmtune import batches, entries, identity, ledger, shaping, state
 from swarmtune.batches import Recorded
 from swarmtune.entries import Iteration, NoisePlan
 from swarmtune.noise import NOISE_VERSION, NoiseConfig
@@ -70,8 +70,8 @@ def direct_hashes(model: torch.nn.Module, stored: list[bytes]) -> list[bytes]:
     """The same updates applied without replay.py: the hash after each iteration entry."""
     base = base_of(model)
     current, hashes = base.clone(), []
-    for data in stored[1:]:
-        body = entries.parse_entry(data).entry.body
+    for _, entry in list(ledger.walk(stored))[1:]:  # the walk derives each entry's coefficients
+        body = entry.entry.body
         assert isinstance(body, Iteration)
         apply_iteration_(current, IterationUpdate(body.members, body.coefficients), NOISE, base, decay_integer(0.01))
         hashes.append(state.state_hash(current))
