@@ -4,6 +4,8 @@ checks a fresh submission passes (whoever can write Redis could have added anyth
 from __future__ import annotations
 
 import logging
+import struct
+from collections import deque
 from dataclasses import replace
 from typing import Any, Mapping
 
@@ -14,7 +16,16 @@ from swarmtune.assignment import Candidate, first_ranked
 from swarmtune.coordinator import lifecycle, validation
 from swarmtune.coordinator.chain import History
 from swarmtune.coordinator.lifecycle import OpenIteration
-from swarmtune.coordinator.round import BATCH_PREFIX, GIVEN_PREFIX, META_FIELD, PANEL_FIELD, RETENTION_PREFIX, Round, batch_field
+from swarmtune.coordinator.round import (
+    BATCH_PREFIX,
+    DEPARTURE_PREFIX,
+    GIVEN_PREFIX,
+    META_FIELD,
+    PANEL_FIELD,
+    RETENTION_PREFIX,
+    Round,
+    batch_field,
+)
 from swarmtune.coordinator.scheduling import Scheduler
 from swarmtune.entries import HASH_BYTES, assignment_from_pb
 from swarmtune.jobspec import JobSpec
@@ -43,7 +54,7 @@ def restore(context: validation.Context, current: Round, fields: Mapping[bytes, 
     batch members) that fail are dropped and logged with their reason. `context` is the open
     iteration's (any worker key)."""
     for name, data in sorted(fields.items()):
-        if name in (META_FIELD, PANEL_FIELD) or _given_field(name):
+        if name in (META_FIELD, PANEL_FIELD) or _given_field(name) or name.startswith(DEPARTURE_PREFIX):
             continue  # read by `reopen`
         if name.startswith(BATCH_PREFIX):
             _restore_batch(context, current, name, data)
@@ -135,13 +146,37 @@ def reopen(scheduler: Scheduler, current: Round, fields: Mapping[bytes, bytes], 
     current.panel_journaled = opening is not None
     if opening is None:
         return
+    departures = _departures(current, fields, history)
     for name, data in sorted(fields.items()):
         if _given_field(name):
-            _restore_given(current, name, data, history)
+            _restore_given(current, name, data, history, departures)
+    _depart(current, departures, None)
+    current.departures_journaled = len(current.departed)
 
 
 def _given_field(name: bytes) -> bool:
     return name.startswith(GIVEN_PREFIX) and len(name) == len(GIVEN_PREFIX) + 4
+
+
+def _departures(current: Round, fields: Mapping[bytes, bytes], history: History) -> deque[tuple[int, bytes]]:
+    """The workers that left holding unanswered members, by when they left: (how many later
+    assignments had been made then, worker), each an admitted key (else dropped)."""
+    found = []
+    for name in sorted(fields):  # by position, then key
+        if not name.startswith(DEPARTURE_PREFIX):
+            continue
+        named = name[len(DEPARTURE_PREFIX) :]
+        if len(named) != 4 + HASH_BYTES or fields[name] or named[4:] not in history.admitted:
+            _log_dropped(current.open.iteration, "departure", b"", pb.MALFORMED, "not a position and an admitted worker key")
+            continue
+        found.append((struct.unpack(">I", named[:4])[0], named[4:]))
+    return deque(found)
+
+
+def _depart(current: Round, departures: deque[tuple[int, bytes]], before: int | None) -> None:
+    """Release, as when they left, the workers that left before later assignment number `before` (all: None)."""
+    while departures and (before is None or departures[0][0] <= before):
+        current.release(departures.popleft()[1])
 
 
 def _opening(data: bytes | None, history: History) -> list[Candidate] | None:
@@ -160,7 +195,7 @@ def _opening(data: bytes | None, history: History) -> list[Candidate] | None:
     return assignlog.opening_candidates(keys, capacities, operators)
 
 
-def _restore_given(current: Round, name: bytes, data: bytes, history: History) -> None:
+def _restore_given(current: Round, name: bytes, data: bytes, history: History, departures: deque[tuple[int, bytes]]) -> None:
     """Later assignments read back, each checked for form, rank and an admitted worker (else dropped)."""
     candidates = current.panel.candidates
     try:
@@ -180,6 +215,7 @@ def _restore_given(current: Round, name: bytes, data: bytes, history: History) -
         if problem or given is None:
             _log_dropped(current.open.iteration, "later assignment", b"", pb.MALFORMED, problem or "")
             continue
+        _depart(current, departures, len(current.given))
         current.give_later([given])
     current.journaled = len(current.given)
     current.next_field = max(current.next_field, int.from_bytes(name[len(GIVEN_PREFIX) :], "big") + 1)

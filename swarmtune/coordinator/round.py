@@ -17,16 +17,24 @@ from swarmtune.wire import ledger_pb2 as pb
 
 # Fields of the open-iteration hash in Redis (store.get_open/put_open): the meta record, then one
 # field per batch a member was accepted from, and per retention report, holding its exact submitted bytes;
-# the opening's candidates, and the later assignments (one field per batch of them, numbered in order).
+# the opening's candidates, and the later assignments (one field per batch of them, numbered in order),
+# and each worker that left holding unanswered members (named by when it left and its key).
 META_FIELD = b"meta"
 BATCH_PREFIX = b"b"
 RETENTION_PREFIX = b"t"
 PANEL_FIELD = b"p"
 GIVEN_PREFIX = b"a"
+DEPARTURE_PREFIX = b"r"
 
 
 def batch_field(batch: Batch) -> bytes:
     return BATCH_PREFIX + batch.signature
+
+
+def departure_field(position: int, key: bytes) -> bytes:
+    """The field that says `key` left holding unanswered members after `position` later assignments
+    (the same departure twice names the same field)."""
+    return DEPARTURE_PREFIX + struct.pack(">I", position) + key
 
 
 def retention_field(key: bytes) -> bytes:
@@ -54,6 +62,10 @@ class Round:
         self.given: list[Given] = []  # members given after the opening, why, and who could take them
         self.journaled = 0  # how many of `given` were posted to Redis
         self.next_field = 0  # number of the next GIVEN_PREFIX field
+        # (len(given) when it left, worker): journaled, so a restart stops holding the same members
+        # with them as the LOST assignments that followed, instead of expecting both holders.
+        self.departed: list[tuple[int, bytes]] = []
+        self.departures_journaled = 0
         self.panel_journaled = False  # PANEL_FIELD posted (or read back)
         self.wanting: set[int] = set(open_iteration.numbers)  # members that may lack holders (checked lazily)
         self.opened_bytes: bytes | None = None  # serialized common part of IterationOpened
@@ -142,7 +154,7 @@ class Round:
             self.given.append(record)
 
     def unjournaled(self) -> dict[bytes, bytes]:
-        """The opening's candidates (first time) and the later assignments not yet posted, as Redis fields."""
+        """The opening's candidates (first time), the later assignments and departures not yet posted, as Redis fields."""
         out = {} if self.panel_journaled else {PANEL_FIELD: panel_value(self.panel)}
         self.panel_journaled = True
         if self.journaled < len(self.given):
@@ -151,6 +163,8 @@ class Round:
             out[GIVEN_PREFIX + struct.pack(">I", self.next_field)] = message.SerializeToString()
             self.journaled = len(self.given)
             self.next_field += 1
+        out.update((departure_field(position, key), b"") for position, key in self.departed[self.departures_journaled :])
+        self.departures_journaled = len(self.departed)
         return out
 
     def pending(self, key: bytes) -> list[int]:
@@ -160,7 +174,10 @@ class Round:
 
     def release(self, key: bytes) -> None:
         """The worker is gone: it stops holding what it has not answered (it may still submit it)."""
-        for member in self.pending(key):
+        pending = self.pending(key)
+        if pending:
+            self.departed.append((len(self.given), key))
+        for member in pending:
             self.holders[member].discard(key)
             self.wanting.add(member)
             self.lost.add(member)

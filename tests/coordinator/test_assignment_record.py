@@ -13,7 +13,7 @@ from swarmtune.coordinator import lifecycle
 from swarmtune.coordinator.broadcast import Broadcaster
 from swarmtune.coordinator.chain import recover
 from swarmtune.coordinator.resume import reopen, resume
-from swarmtune.coordinator.round import META_FIELD, PANEL_FIELD, Round
+from swarmtune.coordinator.round import DEPARTURE_PREFIX, META_FIELD, PANEL_FIELD, Round, departure_field
 from swarmtune.coordinator.scheduling import Scheduler
 from swarmtune.coordinator.sessions import Sessions
 from swarmtune.jobspec import parse_job_spec
@@ -51,6 +51,7 @@ def test_later_assignments_are_recorded_journaled_and_read_back(store: LedgerSto
     scheduler.reconcile(current)
     assert [(g.member, g.reason) for g in current.given[2:]] == [(m, assignlog.LOST) for m in lost]
     assert PANEL_FIELD in posted and len([name for name in posted if name.startswith(b"a")]) == 2
+    assert [name for name in posted if name.startswith(DEPARTURE_PREFIX)] == [departure_field(2, keys[0])]  # who left, when
 
     # A restart with nobody connected reads back the opening and the later assignments.
     fields = {META_FIELD: lifecycle.encode_open_meta(opened), **posted}
@@ -60,6 +61,8 @@ def test_later_assignments_are_recorded_journaled_and_read_back(store: LedgerSto
     reopen(restarted, resumed, fields, history)
     assert resumed.panel == current.panel and resumed.given == current.given
     assert resumed.assigned == current.assigned
+    # The worker that left holds nothing again: only the LOST assignments' worker owes those members.
+    assert resumed.holders == current.holders and resumed.lost == current.lost == set(lost)
     assert resumed.unjournaled() == {}  # nothing new to write back
 
     # A tampered record is dropped, not trusted.
@@ -68,6 +71,14 @@ def test_later_assignments_are_recorded_journaled_and_read_back(store: LedgerSto
     assert isinstance(again, Round)
     reopen(restarted, again, {**fields, forged: b"\xff"}, history)
     assert len(again.given) < len(current.given)
+
+    # A departure naming a key that was never admitted is dropped: nobody is released for it.
+    stranger = {departure_field(0, identity.public_key_bytes(identity.generate_key())): b""}
+    without = {name: value for name, value in fields.items() if not name.startswith(DEPARTURE_PREFIX)}
+    forged_departure = resume(spec, {**without, **stranger}, history, (0.0, 1.0), 2000)
+    assert isinstance(forged_departure, Round)
+    reopen(restarted, forged_departure, {**without, **stranger}, history)
+    assert forged_departure.departed == [] and keys[0] in forged_departure.holders[lost[0]]
 
 
 def test_one_replica_deals_each_worker_its_quota_as_one_block_in_the_draws_order() -> None:

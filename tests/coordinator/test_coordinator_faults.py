@@ -186,8 +186,9 @@ def test_sigkill_and_restart_resume_the_open_iteration(store: LedgerStore, redis
             mine = [a for a in acknowledged if batches.decode_batch(a).worker_key == w.public]
             replies.append(await w.submit(mine + [w.result(opened, m) for m in opened.assigned]))
         # A member the first worker left unanswered when its stream ended was handed to the other (a LOST
-        # assignment, journaled); the restart restores both holders (which holder left is not journaled),
-        # so both may answer it: the later answer is SETTLED, or ITERATION_CLOSED if the earlier one closed it.
+        # assignment and the departure, journaled together); when the kill came before that journal write
+        # landed, the restart restores the opening's holder as well, so both may answer it: the later
+        # answer is SETTLED, or ITERATION_CLOSED if the earlier one closed it.
         unneeded = (pb.SETTLED, pb.ITERATION_CLOSED)
         assert all(reason in (pb.ACCEPTED, pb.DUPLICATE, *unneeded) for r in replies for reason in reasons(r))
         assert sum(reason in unneeded for r in replies for reason in reasons(r)) <= 1
