@@ -229,7 +229,7 @@ class Iteration:
     plan: NoisePlan
     batches: tuple[Recorded, ...]
     # §3's coefficients, one per member. Not recorded: an entry parsed on its own has none; the
-    # verified walk (ledger.walk) derives them from the rewards, the coordinator from what it settled.
+    # verified walk (ledger.walk) and the coordinator's close derive them from the rewards (coefficients.py).
     coefficients: tuple[int, ...]
     disputed: tuple[float, ...]  # settled rewards of the members whose counted rewards differ, in member order
     shaping: str

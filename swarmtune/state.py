@@ -239,6 +239,8 @@ def tensor_header(spec: TensorSpec) -> bytes:
 
 def q_bytes(q: torch.Tensor) -> memoryview:
     """Q (whole or any row-major run of it, Q_DTYPE) as little-endian int32 bytes (i32le)."""
+    if q.is_meta:
+        raise ValueError("this Q is a spilled (frozen) tensor's placeholder, not its values: read it with MasterState.run or runs")
     if q.dtype != Q_DTYPE:
         raise TypeError(f"the state hash serializes {Q_DTYPE} tensors, got {q.dtype}: convert with fixedpoint.to_fixed")
     return q.detach().cpu().contiguous().numpy().astype("<i4", copy=False).data

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Collection, Mapping, Sequence
 
-from swarmtune import assignlog, batches, identity, shaping
+from swarmtune import assignlog, batches, coefficients, identity, shaping
 from swarmtune.assignlog import Given
 from swarmtune.batches import Batch, MemberResult, Recorded
 from swarmtune.coordinator.lifecycle import OpenIteration
@@ -118,7 +118,7 @@ def build_iteration(
         opened_head=open_iteration.head_hash,
         plan=open_iteration.plan,
         batches=recorded,
-        coefficients=shaping.member_coefficients(spec.population, standing, shaping.Rule(spec.shaping, spec.alpha, spec.group_width)),
+        coefficients=(),
         disputed=batches.disputed_rewards(batches.tally(recorded)[1], standing),
         shaping=spec.shaping,
         retention=tuple(retention),
@@ -130,7 +130,10 @@ def build_iteration(
         others=others,
         assignments=assignments,
     )
-    return Closing(body, {m: v for m, v in verdicts.items() if m in standing})
+    # Derived from the body exactly as every reader of the entry derives them (it records none), so
+    # the digest live workers apply cannot differ from what a replay applies.
+    rule = shaping.Rule(spec.shaping, spec.alpha, spec.group_width)
+    return Closing(body.with_coefficients(coefficients.derived(body, rule)), {m: v for m, v in verdicts.items() if m in standing})
 
 
 def retention_alerts(

@@ -114,7 +114,7 @@ def test_a_spilled_tensor_is_reachable_only_through_the_accessors(spilled: Maste
     index = frozen_indices(spilled)[0]
     with pytest.raises(NotImplementedError):
         spilled.q[index].view(-1)[0:4].to("cpu")  # a meta tensor: no data to read, never zeros
-    with pytest.raises(NotImplementedError):
+    with pytest.raises(ValueError, match="read it with MasterState.run"):
         q_bytes(spilled.q[index])
     with pytest.raises(ValueError, match="frozen and spilled"):
         spilled.resident(index)
