@@ -228,7 +228,7 @@ def recorded_to_pb(recorded: Recorded, worker_delta: int) -> pb.RecordedBatch:
         members=batch.packed_members,
         rewards=batch.packed_rewards,
         signature=batch.signature,
-        excluded=pack_members(recorded.excluded),
+        excluded=pack_members(recorded.excluded) if recorded.excluded else b"",
     )
 
 
@@ -236,7 +236,7 @@ def recorded_from_pb(message: pb.RecordedBatch, job_id: str, iteration: int, hea
     """The view of a recorded batch (its job, iteration and head are its entry's, its key the one its
     worker index names); raises BatchError."""
     batch = parts(job_id, iteration, head_hash, worker_key, message.members, message.rewards, message.signature)
-    return Recorded(batch, unpack_members(message.excluded))
+    return Recorded(batch, unpack_members(message.excluded) if message.excluded else ())
 
 
 def tally(recorded: Iterable[Recorded]) -> tuple[dict[int, float], dict[int, list[float]]]:

@@ -23,7 +23,9 @@ def rule_of(genesis: Genesis) -> shaping.Rule | None:
 def derived(body: Iteration, rule: shaping.Rule) -> tuple[int, ...]:
     """§3's coefficients of an iteration: its members' recorded rewards (those with a counted result) shaped by `rule`."""
     rewards = body.rewards
-    return shaping.member_coefficients(body.plan.population, {m: rewards[m] for m in body.counted[0]}, rule)
+    counted = body.counted[0]
+    rewarded = dict(enumerate(rewards)) if len(counted) == len(rewards) else {m: rewards[m] for m in counted}
+    return shaping.member_coefficients(body.plan.population, rewarded, rule)
 
 
 def with_coefficients(entry: StoredEntry, rule: shaping.Rule | None) -> StoredEntry:

@@ -283,6 +283,8 @@ class Iteration:
     def rewarded(self) -> tuple[float, ...]:
         """The rewards of the members with a counted replica, in member order (what shaping saw)."""
         rewards = self.rewards
+        if len(self.counted[0]) == len(rewards):  # every member rewarded (the common case)
+            return rewards
         return tuple(rewards[m] for m in sorted(self.counted[0]))
 
 

@@ -12,6 +12,9 @@ from swarmtune.modelpaths import ModelResolutionError, cache_root
 BUILTIN_PREFIX = "builtin:"
 # Hugging Face hub ids: "name" or "owner/name" built from word characters, dots and dashes.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+# Where transformers 5's tokenizer classes (Qwen2, Llama, GPT-2 style) keep the Python vocabulary and
+# merges they built their Rust tokenizer from: read again only by save_vocabulary.
+TOKENIZER_BUILD_SOURCES = ("_vocab", "_merges")
 
 
 def resolve_model(spec: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -80,3 +83,14 @@ def load_model(path: str | os.PathLike[str], device: str = "cpu", dtype: Any = N
         tokenizer.pad_token = tokenizer.eos_token
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def drop_tokenizer_sources(tokenizer: Any) -> None:
+    """Release the Python copies of the vocabulary and merges a Rust-backed tokenizer was built from
+    (encoding and decoding use the Rust tokenizer only; saving it needs them: a worker never saves).
+    A 152k-token vocabulary is 17 MB of Python objects, a real BPE tokenizer's merges more."""
+    if getattr(tokenizer, "_tokenizer", None) is None:
+        return  # a pure-Python tokenizer encodes with them
+    for name in TOKENIZER_BUILD_SOURCES:
+        if getattr(tokenizer, name, None) is not None:
+            setattr(tokenizer, name, None)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
-import operator
 from dataclasses import dataclass
 from typing import Mapping, Sequence
+
+import numpy as np
 
 SHAPING_VERSION = "swarmtune-shaping/1"
 SHAPING_METHODS = ("zscore", "centered_rank")
@@ -22,10 +23,12 @@ def zscore(rewards: Sequence[float]) -> list[float]:
     if n < 2:
         return [0.0] * n
     mean = math.fsum(rewards) / n
-    deviations = [r - mean for r in rewards]
-    variance = math.fsum(map(operator.mul, deviations, deviations)) / (n - 1)
-    spread = math.sqrt(variance) + ZSCORE_EPSILON
-    return [d / spread for d in deviations]
+    # numpy's float64 -, * and / are the IEEE operations Python's floats do, one element at a time.
+    with np.errstate(all="ignore"):  # an overflow gives inf, as Python's floats do
+        deviations = np.asarray(rewards, dtype=np.float64) - mean
+        variance = math.fsum((deviations * deviations).tolist()) / (n - 1)
+        spread = math.sqrt(variance) + ZSCORE_EPSILON
+        return (deviations / spread).tolist()
 
 
 def centered_ranks(rewards: Sequence[float]) -> list[float]:
@@ -61,7 +64,13 @@ def quantize(shaped: Sequence[float], alpha: float) -> list[int]:
     """c_i = round_half_even(((alpha · s_i) / n) · 2^COEFFICIENT_BITS), n = len(shaped)."""
     n = len(shaped)
     unit = float(1 << COEFFICIENT_BITS)
-    return [round(((alpha * s) / n) * unit) for s in shaped]
+    with np.errstate(all="ignore"):
+        scaled = ((alpha * np.asarray(shaped, dtype=np.float64)) / n) * unit
+    # np.rint rounds half to even, exactly; below 2**62 its integral floats convert to int64 exactly.
+    # Anything else (inf, nan, huge) takes Python's round, which raises or gives the big integer.
+    if n and np.isfinite(scaled).all() and float(np.abs(scaled).max()) < 2.0**62:
+        return np.rint(scaled).astype(np.int64).tolist()
+    return [round(x) for x in scaled.tolist()]
 
 
 def shape_groups(rewards: Sequence[float], groups: Sequence[int], method: str) -> list[float]:

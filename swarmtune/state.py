@@ -17,10 +17,11 @@ from swarmtune.spillfile import SpillFile
 
 TREATMENTS = ("dense", "lowrank", "frozen")
 # Every per-tensor pass (update, perturbation, derive, hash) works on row runs of at most this many
-# elements: its temporaries (~32 MB in all) stay far below a layer, never tensor-sized (a tied
-# embedding: 1 GB+ as int64); at 0.5B every 64 MB is 0.13 of the 7 bytes a parameter allowed, and
-# per-call overhead is still negligible at half a million elements.
-CHUNK_ELEMENTS = 1 << 19
+# elements: its temporaries (~16 MB in all) stay far below a layer, never tensor-sized (a tied
+# embedding: 1 GB+ as int64). The allocator keeps the holes they leave, up to a few times their size:
+# 2^18 instead of 2^19 lowered the 0.5B dense worker's peak by ~20 MB (0.05 of the 7 bytes a parameter
+# allowed) for 3-7% more time in the dense update's per-call overhead (docs/SCALE.md).
+CHUNK_ELEMENTS = 1 << 18
 STATE_HASH_DOMAIN = b"swarmtune/state/v2"
 
 

@@ -35,12 +35,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from swarmtune.backends.base import BackendError
     from swarmtune.backends.registry import backend_factory
+    from swarmtune.hostheap import WORKER_ARENAS, cap_arenas
     from swarmtune.identity import IdentityError
     from swarmtune.models import ModelResolutionError
     from swarmtune.worker.config import WorkerConfig
     from swarmtune.worker.daemon import WorkerFailure, serve
     from swarmtune.worker.session import ConnectError
 
+    cap_arenas(WORKER_ARENAS)  # before the worker's threads start: each would take an arena of its own
     config = WorkerConfig(
         coordinator=args.coordinator,
         key_path=args.key,

@@ -1,13 +1,22 @@
-"""Fan-out of announcements to subscribed workers: serialized once, one bounded queue per worker."""
+"""Fan-out of announcements to subscribed workers: serialized once, one bounded queue per worker, and
+what queued up while a stream was busy sent as one message."""
 
 from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Iterable
+from typing import AsyncIterator, Iterable, Sequence
 
 from swarmtune.coordinator.limits import Refused
 from swarmtune.wire import service_pb2 as pb
+
+# Announcements one stream message carries at most (each the `then` of the one before): protobuf
+# parsers refuse messages nested deeper than 100.
+CARRY_LIMIT = 16
+# ... and bytes at most, unless one announcement alone is larger: far below a worker's receive limit
+# (worker/session.MAX_RECEIVE_BYTES), which every single announcement already respects.
+CARRY_BYTES = 4 << 20
+_THEN_KEY = bytes([pb.Announcement.THEN_FIELD_NUMBER << 3 | 2])  # field `then`, length-delimited
 
 
 @dataclass(frozen=True)
@@ -25,6 +34,28 @@ class End:
 
     reason: str
     overflow: bool = False  # the worker read too slowly; it should resubscribe from its index
+
+
+def _carried_size(message: Outgoing | End) -> int:
+    return len(message.data) if isinstance(message, Outgoing) else 0
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def carried(announcements: Sequence[bytes]) -> bytes:
+    """Serialized Announcements as one, each after the first in the `then` of the one before (PROTOCOL
+    §6.4): the bytes are joined, not parsed, so a shared announcement stays serialized once."""
+    out = announcements[-1]
+    for data in reversed(announcements[:-1]):
+        out = b"".join((data, _THEN_KEY, _varint(len(out)), out))
+    return out
 
 
 def announce(message: pb.Announcement, index: int | None = None, opened: int | None = None) -> Outgoing:
@@ -61,15 +92,30 @@ class Subscriber:
             self.opened = message.opened
         self.queue.put_nowait(message)
 
-    async def messages(self) -> AsyncIterator[Outgoing]:
-        """What was put, until the stream's End (an overflow refuses the stream: resubscribe)."""
+    async def messages(self, after: int) -> AsyncIterator[bytes]:
+        """What was put, but entries at or below index `after` (the stream sent them already), until the
+        stream's End (an overflow refuses the stream: resubscribe). Whatever is queued when the stream
+        asks goes as one message: gRPC sends one message at a time, so what piled up meanwhile (a close
+        and the next opening) costs one send, not one each."""
+        held: Outgoing | End | None = None  # taken off the queue, but too large to carry with the last one
         while True:
-            message = await self.queue.get()
-            if isinstance(message, End):
-                if message.overflow:
-                    raise Refused("RESOURCE_EXHAUSTED", f"{message.reason}; resubscribe from the next index you need")
+            ready = [held if held is not None else await self.queue.get()]
+            held, size = None, _carried_size(ready[0])
+            while len(ready) < CARRY_LIMIT and not self.queue.empty():
+                message = self.queue.get_nowait()
+                size += _carried_size(message)
+                if size > CARRY_BYTES:
+                    held = message
+                    break
+                ready.append(message)
+            sendable = [m.data for m in ready if isinstance(m, Outgoing) and (m.index is None or m.index > after)]
+            if sendable:
+                yield carried(sendable)
+            last = ready[-1]  # nothing is put after an End
+            if isinstance(last, End):
+                if last.overflow:
+                    raise Refused("RESOURCE_EXHAUSTED", f"{last.reason}; resubscribe from the next index you need")
                 return
-            yield message
 
 
 class Broadcaster:

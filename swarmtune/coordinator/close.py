@@ -7,11 +7,11 @@ from typing import Collection, Mapping, Sequence
 
 from swarmtune import assignlog, batches, coefficients, identity, shaping
 from swarmtune.assignlog import Given
-from swarmtune.batches import Batch, MemberResult, Recorded
+from swarmtune.batches import Batch, Recorded
 from swarmtune.coordinator.lifecycle import OpenIteration
 from swarmtune.entries import Iteration, RetentionReport, Signed
 from swarmtune.jobspec import JobSpec
-from swarmtune.redundancy import Verdict, to_revoke, verdicts_of, within_minority
+from swarmtune.redundancy import Verdict, judge, to_revoke, within_minority
 
 
 @dataclass(frozen=True)
@@ -19,12 +19,20 @@ class Closing:
     """An iteration's entry body and the verdicts it rests on."""
 
     body: Iteration
-    verdicts: Mapping[int, Verdict]  # member -> verdict over its counted replicas
+    # member -> verdict, for the members that were judged: those with several counted replicas, and
+    # every member under referees (a lone replica under majority rule stands as it is: no verdict).
+    verdicts: Mapping[int, Verdict]
 
-    @property
-    def rewarded(self) -> tuple[float, ...]:
-        """Rewards that shaping used, in member order."""
-        return tuple(v.reward for _, v in sorted(self.verdicts.items()) if v.reward is not None)
+
+@dataclass(frozen=True)
+class Accepted:
+    """What an open iteration accepted, as its close reads it: the round's own maps, not copies."""
+
+    held: Mapping[bytes, Mapping[int, float]]  # worker -> member -> reward
+    replicas: Mapping[int, Mapping[bytes, float]]  # member -> worker -> reward
+    several: Collection[int]  # the members with more than one replica
+    batches: Mapping[bytes, Mapping[bytes, Batch]]  # worker -> signature -> a batch it was accepted from
+    source: Mapping[tuple[bytes, int], Batch]  # (worker, member) -> the batch it was accepted from
 
 
 @dataclass(frozen=True)
@@ -57,8 +65,10 @@ def revocations(
     revoking = to_revoke(counts, threshold, revoked)
     # Raised from the verdicts before revoking: the dissents that revoke a key are not recorded.
     raised = dispute_alerts(closing.verdicts, referees)
+    if referees or not revoking:
+        return revoking, raised
     active = {r.batch.worker_key: operators.get(r.batch.worker_key) or r.batch.worker_key.hex() for r in closing.body.batches}
-    if referees or not revoking or within_minority(revoking, active):
+    if within_minority(revoking, active):
         return revoking, raised
     who = sorted(identity.fingerprint(key) for key in revoking)
     withheld = (
@@ -68,17 +78,52 @@ def revocations(
     return [], (*raised, withheld)
 
 
-def recorded_batches(counted: Sequence[MemberResult], source: Mapping[tuple[bytes, int], Batch]) -> tuple[Recorded, ...]:
-    """The batches the counted results came from, each with the members it does not count (another
-    batch's, unsettled, rejected), in a stable order: by worker key, then first member."""
-    taken: dict[bytes, set[int]] = {}  # batch signature -> members counted from it
-    used: dict[bytes, Batch] = {}
-    for result in counted:
-        batch = source[result.worker_key, result.member]
-        used[batch.signature] = batch
-        taken.setdefault(batch.signature, set()).add(result.member)
-    ordered = sorted(used.values(), key=lambda b: (b.worker_key, b.members[0], b.signature))
-    return tuple(Recorded(b, tuple(m for m in b.members if m not in taken[b.signature])) for b in ordered)
+def judged(accepted: Accepted, revoked: frozenset[bytes], tolerance: float, panel: Panel) -> tuple[dict[int, float], dict[int, Verdict]]:
+    """(member -> the reward it settles on, member -> verdict of the members judged), revoked workers
+    left out. Under majority rule a lone replica stands as it is, so only members with several replicas
+    are judged: no work per member where each has one (at 1,000 workers x 16, every member)."""
+    if panel.referees:  # a referee's replica or a spot check can overturn even a lone replica
+        replicas = {m: {k: r for k, r in got.items() if k not in revoked} for m, got in accepted.replicas.items()}
+        verdicts = {m: judge(got, tolerance, panel.referees, m in panel.spot) for m, got in replicas.items() if got}
+        return {m: v.reward for m, v in verdicts.items() if v.reward is not None}, verdicts
+    standing: dict[int, float] = {}
+    for key, got in accepted.held.items():
+        if key not in revoked:
+            standing.update(got)
+    verdicts = {}
+    for member in sorted(accepted.several):
+        counted = {k: r for k, r in accepted.replicas[member].items() if k not in revoked}
+        if len(counted) > 1:
+            verdicts[member] = judge(counted, tolerance)
+            reward = verdicts[member].reward
+            if reward is None:
+                del standing[member]
+            else:
+                standing[member] = reward
+    return standing, verdicts
+
+
+def recorded_batches(accepted: Accepted, standing: Mapping[int, float], revoked: frozenset[bytes]) -> list[Recorded]:
+    """The batches the counted results (of standing members, from workers not revoked) came from, each
+    with the members it does not count (another batch's, unsettled, rejected)."""
+    out = []
+    for key, got in accepted.held.items():
+        if key in revoked:
+            continue
+        counted = got.keys() if standing.keys() >= got.keys() else got.keys() & standing.keys()
+        mine = accepted.batches.get(key, {})
+        if len(mine) == 1:  # the common case: the worker's one batch this iteration
+            groups: list[tuple[Batch, Collection[int]]] = [(batch, counted) for batch in mine.values()]
+        else:
+            taken: dict[bytes, set[int]] = {}
+            for member in counted:
+                taken.setdefault(accepted.source[key, member].signature, set()).add(member)
+            groups = [(mine[signature], members) for signature, members in taken.items()]
+        for batch, members in groups:
+            if members:
+                whole = len(members) == len(batch.members)
+                out.append(Recorded(batch, () if whole else tuple(m for m in batch.members if m not in members)))
+    return out
 
 
 def recorded_rewards(body: Iteration) -> dict[bytes, dict[int, float]]:
@@ -92,8 +137,7 @@ def recorded_rewards(body: Iteration) -> dict[bytes, dict[int, float]]:
 def build_iteration(
     spec: JobSpec,
     open_iteration: OpenIteration,
-    results: Sequence[MemberResult],
-    source: Mapping[tuple[bytes, int], Batch],
+    accepted: Accepted,
     revoked: frozenset[bytes],
     retention: Sequence[Signed[RetentionReport]] = (),
     alerts: Sequence[str] = (),
@@ -102,24 +146,21 @@ def build_iteration(
 ) -> Closing:
     """The iteration entry body: the batches of every counted result (members that did not settle and
     revoked workers are left out), the settled rewards a reader cannot infer, and shaping's integer
-    coefficients in member order. `source`: the batch each result was accepted from; `given`: the
-    members given to a worker after the opening."""
-    verdicts = verdicts_of(results, revoked, spec.redundancy_tolerance, panel.referees, panel.spot)
-    standing = {m: v.reward for m, v in verdicts.items() if v.reward is not None}
-    counted = [r for r in results if r.member in standing and r.worker_key not in revoked]
-    recorded = recorded_batches(counted, source)
-    others, assignments = assignlog.encode(given, panel.candidates, [r.batch.worker_key for r in recorded])
+    coefficients in member order. `given`: the members given to a worker after the opening."""
+    standing, verdicts = judged(accepted, revoked, spec.redundancy_tolerance, panel)
+    recorded = recorded_batches(accepted, standing, revoked)
+    others, assignments = assignlog.encode(given, panel.candidates, sorted({r.batch.worker_key for r in recorded}))
     # In the order of the workers the entry names, so that each batch's worker index costs nothing
     # where it is the next worker's (PROTOCOL §5.2).
     index = {key: i for i, key in enumerate((*panel.candidates, *others))}
-    recorded = tuple(sorted(recorded, key=lambda r: (index[r.batch.worker_key], r.batch.members[0], r.batch.signature)))
+    ordered = tuple(sorted(recorded, key=lambda r: (index[r.batch.worker_key], r.batch.members[0], r.batch.signature)))
     body = Iteration(
         iteration=open_iteration.iteration,
         opened_head=open_iteration.head_hash,
         plan=open_iteration.plan,
-        batches=recorded,
+        batches=ordered,
         coefficients=(),
-        disputed=batches.disputed_rewards(batches.tally(recorded)[1], standing),
+        disputed=batches.disputed_rewards(batches.tally(ordered)[1], standing),
         shaping=spec.shaping,
         retention=tuple(retention),
         alerts=tuple(alerts),

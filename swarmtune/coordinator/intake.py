@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Collection, Mapping, Sequence
 
 from swarmtune.coordinator import validation
 from swarmtune.coordinator.round import Round, batch_field, retention_field
@@ -40,16 +40,22 @@ class Intake:
             current.retention.pop(key, None)
 
 
-def take(context: validation.Context, current: Round | None, batches: Sequence[bytes], retention: Sequence[bytes]) -> Intake:
+def take(
+    context: validation.Context,
+    current: Round | None,
+    batches: Sequence[bytes],
+    retention: Sequence[bytes],
+    verified: Collection[tuple[bytes, bytes]] = (),
+) -> Intake:
     """Check each item of `context.worker_key`'s submission; `current` (None: no iteration takes
-    results) takes the accepted ones."""
+    results) takes the accepted ones. `verified`: batch signatures already checked (verifier.py)."""
     key = context.worker_key
     batch_checks, retention_checks, fields = [], [], {}
     for data in batches:
         if current is None:
-            checked = validation.check_batch(context, data, (), {}, ())
+            checked = validation.check_batch(context, data, (), {}, (), verified)
         else:
-            checked = validation.check_batch(context, data, current.assigned.get(key, ()), current.held_rewards(key), current.settled)
+            checked = validation.check_batch(context, data, current.assigned.get(key, ()), current.held_rewards(key), current.settled, verified)
         accepted = checked.accepted
         if accepted and current is not None and checked.batch is not None:
             current.accept(checked.batch, accepted)

@@ -27,7 +27,8 @@ from swarmtune.coordinator.round import META_FIELD, Round
 from swarmtune.coordinator.scheduling import Scheduler
 from swarmtune.coordinator.sessions import Session
 from swarmtune.coordinator.status import CloseTiming, Observed, WorkerStats, job_status
-from swarmtune.coordinator.validation import Checked
+from swarmtune.coordinator.validation import MAX_BATCH_BYTES, Checked
+from swarmtune.coordinator.verifier import Verifier
 from swarmtune.digest import digest_of, seal_digest
 from swarmtune.entries import Body, Iteration, Revocation, StoredEntry
 from swarmtune.jobspec import JobSpec
@@ -78,6 +79,7 @@ class Job:
         self._scheduler = Scheduler(spec, chain.history, self._gate.sessions, self._broadcast, key, self._post_open)
         # submissions
         self._reward_range = reward_range
+        self._verifier = Verifier(MAX_BATCH_BYTES)
         self._round: Round | None = None
         self._recorded: dict[bytes, dict[int, float]] = {}  # worker -> member -> reward in the last iteration entry
         # lifecycle
@@ -242,7 +244,7 @@ class Job:
         revoked = frozenset(self.history.revoked)
         reports = [signed for key, (signed, _) in sorted(current.retention.items()) if key not in revoked]
         alerts, _ = retention_alerts(reports, self.history.baselines, self.spec.retention_alert_threshold)
-        return build_iteration(self.spec, current.open, current.all_results(), current.source, revoked, reports, (*alerts, *raised), current.panel, current.given)
+        return build_iteration(self.spec, current.open, current.accepted(), revoked, reports, (*alerts, *raised), current.panel, current.given)
 
     async def _close(self, current: Round) -> None:
         """Revoke whoever the replicas outvoted too often, then shape, seal, append and broadcast."""
@@ -278,15 +280,20 @@ class Job:
             log.warning("alert", extra={"iteration": closing.body.iteration, "alerts": list(alerts)})
             self.metrics.alerts.inc(len(alerts))
             self._paused = self.spec.pause_on_alert and any(alert.startswith("retention") for alert in alerts)
-        # Let the subscription streams take the entry before the next opening: every worker's
-        # verify-and-apply then overlaps the opening instead of following it.
-        await asyncio.sleep(0)
+        # No yield to the streams in between: each worker's digest and its next opening go as one
+        # message (broadcast.carried), one gRPC send per worker and iteration instead of two.
         await self._advance()
 
     async def _seal(self, current: Round) -> tuple[Closing, StoredEntry]:
         """The iteration entry, appended (after any revocation it brings)."""
-        await self._journal.drain()
+        # Built while the last journal writes land (a closing round takes no result), again if one
+        # failed (its batch is withdrawn); appended after them, so that no write of the open state
+        # follows the append that drops it.
+        withdrawn = current.withdrawn
         closing = self._build(current)
+        await self._journal.drain()
+        if current.withdrawn != withdrawn:
+            closing = self._build(current)
         counts = self.history.strikes_with(closing.verdicts.values())
         referees = current.panel.referees
         revoking, raised = revocations(closing, counts, self.spec.revoke_after, referees, frozenset(self.history.revoked), self.history.operators)
@@ -353,10 +360,8 @@ class Job:
             self._scheduler.greet(self._round, session.key)
             if self._waiting_for_workers:
                 self._wake.set()
-            async for message in subscriber.messages():
-                if message.index is not None and message.index <= sent:
-                    continue
-                yield message.data
+            async for data in subscriber.messages(after=sent):
+                yield data
         finally:
             if self._broadcast.remove(subscriber):
                 self._on_disconnect(session.key)
@@ -404,9 +409,10 @@ class Job:
     async def submit(self, request: pb.SubmitRequest) -> pb.SubmitReply:
         session = self._gate.session(request.session, charge=True)
         self.limits.check_submission(len(request.batches), len(request.retention))
+        verified = await self._verifier.check(request.batches)  # before the context: the round may move meanwhile
         context = self._context(session)
         current = self._round if context.open_iteration is not None else None
-        intake = take(context, current, request.batches, request.retention)
+        intake = take(context, current, request.batches, request.retention, verified)
         if current is not None and intake.fields and self._may_close(current, now_ms()):
             await self._acknowledged_by_close(current)
         elif intake.fields:

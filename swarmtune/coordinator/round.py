@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import struct
-from typing import Collection, Iterable, Mapping
+from typing import Iterable, Mapping
 
 from swarmtune import assignlog
 from swarmtune.assignlog import Given
-from swarmtune.batches import Batch, MemberResult
-from swarmtune.coordinator.close import Panel
+from swarmtune.batches import Batch
+from swarmtune.coordinator.close import Accepted, Panel
 from swarmtune.coordinator.lifecycle import OpenIteration
 from swarmtune.entries import RetentionReport, Signed, assignment_to_pb
 from swarmtune.redundancy import needs_referee, settled, wanted
@@ -51,7 +51,10 @@ class Round:
         self.panel = Panel()  # referees, spot checks and the draw (see `empanel`)
         self.held: dict[bytes, dict[int, float]] = {}  # worker -> member -> accepted reward
         self.source: dict[tuple[bytes, int], Batch] = {}  # (worker, member) -> the batch it was accepted from
+        self.batches: dict[bytes, dict[bytes, Batch]] = {}  # worker -> signature -> a batch members were accepted from
         self.replicas: dict[int, dict[bytes, float]] = {}  # member -> worker -> reward
+        self.several: set[int] = set()  # members with more than one replica
+        self.withdrawn = 0  # how many times `withdraw` ran (a close built before one is built again)
         self.settled: set[int] = set()
         self.assigned: dict[bytes, set[int]] = {}  # every member ever given to a worker this iteration
         self.holders: dict[int, set[bytes]] = {}  # member -> workers currently expected to answer
@@ -87,6 +90,8 @@ class Round:
         held = self.held.setdefault(key, {})
         rewards = dict(zip(batch.members, batch.rewards))
         taken = {m: rewards[m] for m in members}
+        if taken:
+            self.batches.setdefault(key, {})[batch.signature] = batch
         if not self.panel.referees and self.replicas.keys().isdisjoint(taken):
             # The common case, taken whole: first replicas under majority rule, which settle
             # exactly when one replica is enough (what _resettle would find member by member).
@@ -100,6 +105,8 @@ class Round:
             held[member] = reward
             self.source[key, member] = batch
             self.replicas.setdefault(member, {})[key] = reward
+            if len(self.replicas[member]) > 1:
+                self.several.add(member)
             self._resettle(member)
             if member not in self.settled and len(self.replicas[member]) >= self.target:
                 self.wanting.add(member)  # disputed: it wants another opinion
@@ -109,8 +116,13 @@ class Round:
         key = batch.worker_key
         for member in members:
             del self.held[key][member], self.source[key, member], self.replicas[member][key]
+            if len(self.replicas[member]) < 2:
+                self.several.discard(member)
             self._resettle(member)
             self.wanting.add(member)
+        if not any(self.source.get((key, m)) is batch for m in batch.members):
+            self.batches.get(key, {}).pop(batch.signature, None)
+        self.withdrawn += 1
 
     def empanel(self, panel: Panel) -> None:
         """Judge under these referees and spot checks from now on: re-judge every member."""
@@ -134,8 +146,9 @@ class Round:
         else:
             self.settled.discard(member)
 
-    def all_results(self, excluded: Collection[bytes] = ()) -> list[MemberResult]:
-        return [MemberResult(key, m, r) for key, got in self.held.items() if key not in excluded for m, r in got.items()]
+    def accepted(self) -> Accepted:
+        """What the close reads (the maps themselves: it runs with no await while it reads them)."""
+        return Accepted(self.held, self.replicas, self.several, self.batches, self.source)
 
     def result_count(self) -> int:
         return sum(len(got) for got in self.held.values())

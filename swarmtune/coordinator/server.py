@@ -15,6 +15,7 @@ import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from swarmtune import entries, identity, ledger
+from swarmtune.coordinator import heap
 from swarmtune.coordinator.admissions import Admissions, as_referees, by_operator
 from swarmtune.coordinator.chain import Chain, History, check_genesis, genesis_entry, recover
 from swarmtune.coordinator.job import Job
@@ -227,6 +228,7 @@ async def serve(
     tasks: list[asyncio.Task[object]] = []
     try:
         await running.job.start()
+        heap.settle()
         runner = asyncio.create_task(running.job.run())
         tasks = [runner, asyncio.create_task(stop.wait()), asyncio.create_task(lost.wait())]
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)

@@ -144,9 +144,17 @@ def _all(batch: Batch, reason: int, detail: str) -> BatchCheck:
     return BatchCheck(reason, detail, batch, tuple(Checked(reason, detail) for _ in batch.members))
 
 
-def check_batch(context: Context, data: bytes, assigned: Collection[int], held: Mapping[int, float], settled: Collection[int]) -> BatchCheck:
+def check_batch(
+    context: Context,
+    data: bytes,
+    assigned: Collection[int],
+    held: Mapping[int, float],
+    settled: Collection[int],
+    verified: Collection[tuple[bytes, bytes]] = (),
+) -> BatchCheck:
     """One submitted ResultBatch. `assigned`: members this worker was ever given in the open iteration;
-    `held`: its accepted rewards by member; `settled`: members that need no more."""
+    `held`: its accepted rewards by member; `settled`: members that need no more; `verified`: (payload,
+    signature) pairs already checked (coordinator/verifier.py), whose signature is not checked again."""
     if len(data) > MAX_BATCH_BYTES:
         return _refused(_reject(pb.MALFORMED, f"batch is {len(data)} bytes, more than {MAX_BATCH_BYTES}; send fewer members per batch"))
     try:
@@ -162,7 +170,7 @@ def check_batch(context: Context, data: bytes, assigned: Collection[int], held: 
     problem = _iteration_problem(context, batch.iteration, batch.head_hash)
     if problem:
         return _refused(problem, batch)
-    if not batches.verify_batch(batch):
+    if batch.signed not in verified and not batches.verify_batch(batch):
         return _refused(_reject(pb.BAD_SIGNATURE, "signature does not verify over the batch payload with the worker key"), batch)
     assert context.open_iteration is not None  # _iteration_problem saw it open
     population = len(context.open_iteration.numbers)

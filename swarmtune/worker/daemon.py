@@ -30,7 +30,7 @@ from swarmtune.worker.config import WorkerConfig
 from swarmtune.worker.logs import EventLog
 from swarmtune.worker.measure import center_retention, evaluation_batch, member_rewards, sign_retention
 from swarmtune.worker.outbox import Outbox
-from swarmtune.worker.session import Connection, Joined, SessionLost, describe, open_channel
+from swarmtune.worker.session import Connection, Joined, SessionLost, describe, open_channel, unfold
 from swarmtune.worker.site import LoadedModel, Site, load_base_model, open_site
 from swarmtune.worker.work import IterationWork, opened_from
 from swarmtune.eventwait import set_within
@@ -282,7 +282,8 @@ class Daemon:
     async def pump(self, call: grpc.aio.UnaryStreamCall, events: asyncio.Queue[Event]) -> None:
         try:
             async for message in call:
-                events.put_nowait(message)
+                for announcement in unfold(message):
+                    events.put_nowait(announcement)
             events.put_nowait(Disconnected("the coordinator ended the announcement stream"))
         except grpc.aio.AioRpcError as exc:
             events.put_nowait(Disconnected(describe(exc)))

@@ -6,7 +6,7 @@ import asyncio
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator, Awaitable, Callable, TypeVar
+from typing import AsyncIterator, Awaitable, Callable, Iterator, TypeVar
 
 import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -50,6 +50,14 @@ RETRYABLE = frozenset(
         grpc.StatusCode.CANCELLED,
     }
 )
+
+
+def unfold(message: pb.Announcement) -> Iterator[pb.Announcement]:
+    """The announcements one stream message carries, in the order to act on them (PROTOCOL §6.4)."""
+    yield message
+    while message.HasField("then"):
+        message = message.then
+        yield message
 
 
 class SessionLost(Exception):

@@ -12,7 +12,7 @@ from swarmtune.entries import Genesis, StoredEntry
 from swarmtune.digest import Digest
 from swarmtune.follower import LedgerFollower
 from swarmtune.jobspec import JobSpec
-from swarmtune.models import load_model, resolve_model
+from swarmtune.models import drop_tokenizer_sources, load_model, resolve_model
 from swarmtune.noisecache import NoiseCache
 from swarmtune.replay import Replica, genesis_spec, replica_from_genesis
 from swarmtune.snapshot import SnapshotError, restore_from
@@ -30,7 +30,10 @@ class LoadedModel:
 
 
 def load_base_model(model: str, device: str) -> LoadedModel:
-    return LoadedModel(*load_model(resolve_model(model), device=device))
+    """The job's model and tokenizer, the tokenizer without the sources it was built from (never saved here)."""
+    loaded = LoadedModel(*load_model(resolve_model(model), device=device))
+    drop_tokenizer_sources(loaded.tokenizer)
+    return loaded
 
 
 @dataclass(frozen=True)

@@ -10,12 +10,13 @@ from hypothesis import strategies as st
 
 from swarmtune import assignment, batches, entries, identity, shaping
 from swarmtune.assignment import Candidate, assign, by_worker, effective_replicas, picks, quotas
-from swarmtune.coordinator.close import build_iteration, retention_alerts
-from swarmtune.coordinator.lifecycle import encode_open_meta, extend_deadline, may_close, open_iteration, quorum_members, resume_iteration
+from swarmtune.coordinator.close import Accepted, build_iteration, retention_alerts
+from swarmtune.coordinator.lifecycle import OpenIteration, encode_open_meta, extend_deadline, may_close, open_iteration, quorum_members, resume_iteration
 from swarmtune.redundancy import judge, settled, strikes, to_revoke, wanted
-from swarmtune.batches import Batch, MemberResult
+from swarmtune.batches import Batch
 from swarmtune.entries import RetentionReport
-from swarmtune.jobspec import parse_job_spec
+from swarmtune.coordinator.round import Round
+from swarmtune.jobspec import JobSpec, parse_job_spec
 from swarmtune.seeds import population
 
 SPEC = b'[job]\nid = "pure"\nmodel = "builtin:tiny"\nseed = 3\n[task]\nname = "countdown"\n[es]\npopulation = 6\n'
@@ -192,40 +193,46 @@ def signed_batch(key: object, opened: object, members: list[int], rewards: list[
     return batches.sign_batch(key, "pure", opened.iteration, opened.head_hash, members, rewards)  # type: ignore[arg-type,attr-defined]
 
 
-def taken(*signed: Batch) -> tuple[list[MemberResult], dict[tuple[bytes, int], Batch]]:
-    """Every member of these batches as the round holds it: the results, and the batch each came from."""
-    results = [r for b in signed for r in b.results()]
-    return results, {(r.worker_key, r.member): b for b in signed for r in b.results()}
+def taken(spec: JobSpec, opened: OpenIteration, *signed: Batch) -> Accepted:
+    """Every member of these batches, as a round that accepted them holds them."""
+    current = Round(opened, spec.redundancy, spec.redundancy_tolerance)
+    for batch in signed:
+        current.accept(batch, batch.members)
+    return current.accepted()
 
 
 def test_build_iteration_shapes_settled_rewards_in_member_order() -> None:
     spec = parse_job_spec(SPEC + b"[schedule]\nredundancy = 2\n")
     opened = open_iteration(spec, 1, b"h" * 32, 0)
     a, b, c = (identity.generate_key() for _ in range(3))
-    results, source = taken(
+    accepted = taken(
+        spec,
+        opened,
         signed_batch(a, opened, list(range(6)), [m / 10 for m in range(6)]),
         signed_batch(b, opened, list(range(5)), [m / 10 for m in range(5)]),  # member 5: one replica only
         signed_batch(c, opened, [0, 4], [0.9, 0.0]),  # member 0: b and a agree, c dissents; member 4: a, b agree on 0.4
     )
-    closing = build_iteration(spec, opened, results, source, revoked=frozenset())
+    closing = build_iteration(spec, opened, accepted, revoked=frozenset())
     body = closing.body
     assert body.rewards == (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
     assert body.disputed == (0.0, 0.4)  # the members whose replicas differ
     assert body.coefficients == tuple(shaping.coefficients([0.0, 0.1, 0.2, 0.3, 0.4, 0.5], "zscore", spec.alpha))
     assert strikes(closing.verdicts.values())[identity.public_key_bytes(c)] == 2
-    assert len(body.batches) == 3 and all(not r.excluded for r in body.batches) and len(body.results) == len(results)
+    assert len(body.batches) == 3 and all(not r.excluded for r in body.batches) and len(body.results) == 6 + 5 + 2
 
 
 def test_build_iteration_leaves_out_revoked_and_unresolved() -> None:
     spec = parse_job_spec(SPEC)
     opened = open_iteration(spec, 1, b"h" * 32, 0)
     a, b, liar = (identity.generate_key() for _ in range(3))
-    results, source = taken(
+    accepted = taken(
+        spec,
+        opened,
         signed_batch(a, opened, [0, 1, 2, 3], [0.5 + m / 100 for m in range(4)]),
         signed_batch(b, opened, [3], [0.9]),  # member 3: two replicas that disagree
         signed_batch(liar, opened, [4], [1.0]),
     )
-    closing = build_iteration(spec, opened, results, source, revoked=frozenset({identity.public_key_bytes(liar)}))
+    closing = build_iteration(spec, opened, accepted, revoked=frozenset({identity.public_key_bytes(liar)}))
     body = closing.body
     assert [r.member for r in body.results] == [0, 1, 2]
     assert [(r.batch.worker_key, r.excluded) for r in body.batches] == [(identity.public_key_bytes(a), (3,))]

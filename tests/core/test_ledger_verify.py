@@ -447,3 +447,19 @@ def test_batch_problem_checks_one_recorded_batch_against_the_chain() -> None:
     stranger = identity.generate_key()
     foreign = Recorded(chain.batch(stranger, 1, [0], body.opened_head, [0.5]))
     assert "not admitted" in str(ledger.batch_problem(state, foreign, 4))
+
+
+def test_the_first_forged_batch_in_ledger_order_is_reported_when_several_are_checked_on_the_pool() -> None:
+    """Signatures of many entries are checked ahead on other threads; which check ends first must not
+    matter: the report names the first bad batch in ledger order (its entry and its place in it)."""
+    chain = ChainBuilder(workers=3 * precheck.BATCH_CHUNK)
+    stored: list[bytes] = []
+    for forge in (None, 30, 5):
+        honest = chain.iteration(members=2 * len(chain.workers))
+        if forge is not None:
+            bad = honest.batches[forge]
+            honest = replace(honest, batches=(*honest.batches[:forge], replace(bad, batch=replace(bad.batch, signature=bytes(64))), *honest.batches[forge + 1 :]))
+        stored = _one_iteration(chain, members=honest.plan.population, batches=honest.batches)
+    _expect(stored, 2, "iteration", "batch 30: worker signature invalid")
+    report = ledger.verify_chain(stored, threads=4)
+    assert report.entries == 2 and report.kinds == {"genesis": 1, "iteration": 1}  # what was sound before it

@@ -44,7 +44,7 @@ def qwen2_plan(
 def test_the_05b_worker_fits_the_issue_budget_by_the_accounting() -> None:
     specs = qwen2_plan(**QWEN05B_SHAPE)
     assert memory.parameter_count(specs) == 494_032_768  # Qwen2.5-0.5B, tied embedding once
-    assert memory.largest_chunk(specs) <= 1 << 19  # far below a layer: never the 136M-element embedding
+    assert memory.largest_chunk(specs) <= 1 << 18  # far below a layer: never the 136M-element embedding
     cpu = memory.worker_memory(specs, 2, "cpu", 0)
     # bf16 params (2) + int32 master (4) + ~0.56 GB that no parameter count scales: the issue's "≤ 7".
     assert 6.0 < cpu.host_bytes_per_param <= 7.2 and cpu.device_bytes == 0
@@ -68,7 +68,7 @@ def test_frozen_tensors_master_is_not_counted_resident_at_05b() -> None:
     for role in (lambda s: memory.worker_memory(s, 2, "cpu", 0), lambda s: memory.worker_memory(s, 2, "cuda", 0), memory.replay_memory):
         assert role(dense).host_bytes - role(lowrank).host_bytes == 4 * frozen
     cpu = memory.worker_memory(lowrank, 2, "cpu", 0)
-    assert 6.0 < cpu.host_bytes_per_param <= 6.1  # 1.1 B/param under the dense worker's 7.19
+    assert 6.0 < cpu.host_bytes_per_param <= 6.1  # 1.1 B/param under the dense worker's 7.15
     assert memory.worker_memory(lowrank, 2, "cpu", 256 << 20).host_bytes_per_param <= 6.7  # the default 256 MB cache fits too
     assert memory.replay_memory(lowrank).host_bytes_per_param <= 4.1
     cuda = memory.worker_memory(lowrank, 2, "cuda", 0)

@@ -29,6 +29,7 @@ from swarmtune.shaping import SHAPING_VERSION
 from swarmtune.store import LedgerStore
 from swarmtune.wire import service_pb2 as pb
 from swarmtune.wire.service_pb2_grpc import CoordinatorStub
+from swarmtune.worker.session import unfold
 from tests.support.processes import Event, Proc, launch
 from tests.support.specs import Table, job_spec
 
@@ -165,17 +166,21 @@ class SimWorker:
 
     async def _follow(self, from_index: int) -> None:
         stream = self.stub.Subscribe(pb.SubscribeRequest(session=self.session, from_index=from_index))
-        async for message in stream:
-            kind = message.WhichOneof("kind")
-            if kind not in ("entry", "compact") or self.keep_entries:
-                self.announcements.append(message)
-            if kind == "opened":
-                self.opened[message.opened.iteration] = message.opened
-                if self.auto:
-                    await self._answer(message.opened, message.opened.assigned)
-            elif kind == "reassigned" and self.auto and self.take_reassignments:
-                await self._answer(self.opened[message.reassigned.iteration], message.reassigned.added)
+        async for carrier in stream:
+            for message in unfold(carrier):
+                await self._take(message)
         self.closed.set()
+
+    async def _take(self, message: pb.Announcement) -> None:
+        kind = message.WhichOneof("kind")
+        if kind not in ("entry", "compact") or self.keep_entries:
+            self.announcements.append(message)
+        if kind == "opened":
+            self.opened[message.opened.iteration] = message.opened
+            if self.auto:
+                await self._answer(message.opened, message.opened.assigned)
+        elif kind == "reassigned" and self.auto and self.take_reassignments:
+            await self._answer(self.opened[message.reassigned.iteration], message.reassigned.added)
 
     async def _answer(self, opened: pb.IterationOpened, members: list[int]) -> None:
         if members:
