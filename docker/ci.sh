@@ -127,9 +127,11 @@ install_engine() {
 
 start_dockerd() {
     local pidfile=$CACHE/dockerd.pid
-    if [[ -s $pidfile ]] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+    # A pidfile an interrupted run left names a dockerd only if that process is one (pids get reused).
+    if [[ -s $pidfile && $(cat "/proc/$(cat "$pidfile")/comm" 2>/dev/null) == dockerd ]]; then
         fail "a dockerd already runs on $CACHE (pid $(cat "$pidfile")); stop it first"
     fi
+    rm -f "$pidfile"  # stale: dockerd refuses to start while the pid it names is any live process
     log "starting dockerd (data root $CACHE/docker)"
     "$DOCKERD" --data-root "$CACHE/docker" --exec-root "$CACHE/exec" --pidfile "$pidfile" \
         --host "$DOCKER_HOST" --storage-driver=overlay2 >"$RUN_DIR/dockerd.log" 2>&1 &

@@ -89,10 +89,14 @@ def run(tmp_path_factory: pytest.TempPathFactory, redis_url: str, model_dir: Pat
         first = cluster.worker(0)
         live = _poll_until(cluster, coordinator, lambda s: s.workers_online == 1)  # --min-workers holds iteration 1
         # Paused, the first worker holds iteration 1 open (its members are not due elsewhere for 30 s)
-        # while the second joins: the live status must show both online.
+        # while the second joins: the live status must show both online. Paused only once the second
+        # has loaded and built genesis, for its join alone: a worker stopped for longer (a slow start
+        # on a loaded machine) misses its connection's pings and is dropped after 10 s, and would
+        # then never show online while stopped.
+        second = cluster.worker(1)
+        second.wait_for("genesis", 120)
         first.popen.send_signal(signal.SIGSTOP)
         try:
-            second = cluster.worker(1)
             live += _poll_until(cluster, coordinator, lambda s: s.workers_online == 2)
         finally:
             first.popen.send_signal(signal.SIGCONT)
