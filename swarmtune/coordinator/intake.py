@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Collection, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
+from swarmtune.batches import Batch
 from swarmtune.coordinator import validation
 from swarmtune.coordinator.round import Round, batch_field, retention_field
 from swarmtune.coordinator.validation import BatchCheck, Checked
@@ -45,17 +46,17 @@ def take(
     current: Round | None,
     batches: Sequence[bytes],
     retention: Sequence[bytes],
-    verified: Collection[tuple[bytes, bytes]] = (),
+    vouched: Mapping[bytes, Batch],
 ) -> Intake:
     """Check each item of `context.worker_key`'s submission; `current` (None: no iteration takes
-    results) takes the accepted ones. `verified`: batch signatures already checked (verifier.py)."""
+    results) takes the accepted ones. `vouched`: batches already decoded and verified (verifier.py)."""
     key = context.worker_key
     batch_checks, retention_checks, fields = [], [], {}
     for data in batches:
         if current is None:
-            checked = validation.check_batch(context, data, (), {}, (), verified)
+            checked = validation.check_batch(context, data, (), {}, (), vouched)
         else:
-            checked = validation.check_batch(context, data, current.assigned.get(key, ()), current.held_rewards(key), current.settled, verified)
+            checked = validation.check_batch(context, data, current.assigned.get(key, ()), current.held_rewards(key), current.settled, vouched)
         accepted = checked.accepted
         if accepted and current is not None and checked.batch is not None:
             current.accept(checked.batch, accepted)

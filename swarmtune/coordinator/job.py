@@ -409,10 +409,10 @@ class Job:
     async def submit(self, request: pb.SubmitRequest) -> pb.SubmitReply:
         session = self._gate.session(request.session, charge=True)
         self.limits.check_submission(len(request.batches), len(request.retention))
-        verified = await self._verifier.check(request.batches)  # before the context: the round may move meanwhile
+        vouched = await self._verifier.check(request.batches)  # before the context: the round may move meanwhile
         context = self._context(session)
         current = self._round if context.open_iteration is not None else None
-        intake = take(context, current, request.batches, request.retention, verified)
+        intake = take(context, current, request.batches, request.retention, vouched)
         if current is not None and intake.fields and self._may_close(current, now_ms()):
             await self._acknowledged_by_close(current)
         elif intake.fields:

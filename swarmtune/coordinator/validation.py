@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, Collection, Generic, Mapping, Sequence, TypeVar
 
 from swarmtune import batches, entries, identity
@@ -150,15 +151,16 @@ def check_batch(
     assigned: Collection[int],
     held: Mapping[int, float],
     settled: Collection[int],
-    verified: Collection[tuple[bytes, bytes]] = (),
+    vouched: Mapping[bytes, Batch] = MappingProxyType({}),
 ) -> BatchCheck:
     """One submitted ResultBatch. `assigned`: members this worker was ever given in the open iteration;
-    `held`: its accepted rewards by member; `settled`: members that need no more; `verified`: (payload,
-    signature) pairs already checked (coordinator/verifier.py), whose signature is not checked again."""
+    `held`: its accepted rewards by member; `settled`: members that need no more; `vouched`: submitted
+    bytes already decoded and their signature checked (coordinator/verifier.py), not done again."""
     if len(data) > MAX_BATCH_BYTES:
         return _refused(_reject(pb.MALFORMED, f"batch is {len(data)} bytes, more than {MAX_BATCH_BYTES}; send fewer members per batch"))
+    checked = vouched.get(data)
     try:
-        batch = batches.decode_batch(data)
+        batch = checked if checked is not None else batches.decode_batch(data)
     except batches.BatchError as exc:
         return _refused(_reject(pb.MALFORMED, f"{exc}; send a serialized ResultBatch exactly as signed"))
     problem = _signer_problem(context, batch)
@@ -170,7 +172,7 @@ def check_batch(
     problem = _iteration_problem(context, batch.iteration, batch.head_hash)
     if problem:
         return _refused(problem, batch)
-    if batch.signed not in verified and not batches.verify_batch(batch):
+    if checked is None and not batches.verify_batch(batch):
         return _refused(_reject(pb.BAD_SIGNATURE, "signature does not verify over the batch payload with the worker key"), batch)
     assert context.open_iteration is not None  # _iteration_problem saw it open
     population = len(context.open_iteration.numbers)
